@@ -1,0 +1,213 @@
+"""The pipeline's stages, the whole stack's config, and the run they share.
+
+    Config   every component's config for one preset (`Config.preset("toy")`)
+    Run      a Config + a run folder + a device + a seed: what notebooks, the CLI and tests work in
+    STAGES   name -> what it needs, which notebook teaches it, how to train and load it
+    load_or_train(run, name)   load a stage from the run folder, or train it (and what it needs) first
+
+A trained stage leaves `<run>/<stage>/stage.json`: its id, the config it was trained with, and the ids of
+the stages it was trained from. A stage refuses inputs whose ids differ from those it recorded (e.g. a
+prior trained on a CLIP that has since been retrained).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from .artifacts import RunFolder, atomic_write_json
+from .config import PRESETS, PresetConfig, check_range
+from .errors import ArtifactError, ConfigError
+from .train import resolve_device, seed_everything
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Config(PresetConfig):
+    """The configuration of every stage for one preset."""
+    preset: str = "toy"
+    seed: int = 0
+    data: "DataConfig" = None
+    clip: "ClipConfig" = None
+
+    def __post_init__(self):
+        from .clip_model import ClipConfig
+        from .data import DataConfig
+        check_range(self, "seed", 0, integer=True)
+        defaults = {"data": DataConfig, "clip": ClipConfig}
+        for name, cls in defaults.items():  # a missing component takes this preset's default
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, cls.preset(self.preset))
+        if self.clip.arch == "custom" and self.clip.image_size != self.data.resolution:
+            raise ConfigError(f"clip.image_size = {self.clip.image_size} but data.resolution = "
+                              f"{self.data.resolution}: a CLIP trained here reads the base images; make "
+                              f"them equal")
+
+    @classmethod
+    def smoke(cls):
+        return cls(preset="smoke")
+
+    @classmethod
+    def toy(cls):
+        return cls(preset="toy")
+
+    @classmethod
+    def small(cls):
+        return cls(preset="small")
+
+    @classmethod
+    def paper(cls):
+        return cls(preset="paper")
+
+    @classmethod
+    def from_dict(cls, d):
+        from .clip_model import ClipConfig
+        from .data import DataConfig
+        types = {"data": DataConfig, "clip": ClipConfig}
+        return cls(**{k: types[k].from_dict(v) if k in types else v for k, v in d.items()})
+
+    def with_steps(self, stage: str, steps: int | None) -> "Config":
+        """A copy where `stage` trains for `steps` steps (None: unchanged)."""
+        if steps is None:
+            return self
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"steps = {steps!r} must be a positive int (or None for the preset's "
+                              f"default)")
+        part = getattr(self, stage)
+        return self.replace(**{stage: part.replace(train=part.train.replace(steps=steps))})
+
+
+def default_run_dir(preset: str) -> Path:
+    """`runs/<preset>` at the repository root (not the notebook's folder)."""
+    return REPO_ROOT / "runs" / preset
+
+
+class Run:
+    """One preset's config, run folder and device: what every stage and notebook works in."""
+
+    def __init__(self, preset: str = "toy", run_dir=None, device="auto", seed: int | None = None,
+                 config: Config | None = None):
+        if config is None:
+            if preset not in PRESETS:
+                raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+            config = Config.preset(preset)
+        if seed is not None:
+            config = config.replace(seed=seed)
+        self.cfg = config
+        self.preset = config.preset
+        self.seed = config.seed
+        self.folder = RunFolder(run_dir or default_run_dir(self.preset), self.preset)
+        self.device = resolve_device(device)
+
+    def __repr__(self):
+        return f"Run(preset={self.preset!r}, folder={str(self.folder.root)!r}, device={str(self.device)!r})"
+
+    @cached_property
+    def world(self):
+        """The toy data world of this preset."""
+        from .data import ToyWorld
+        return ToyWorld(self.cfg.data)
+
+    def dataset(self, split: str):
+        """The toy world's `split` ('train' | 'val' | 'heldout') at the configured size."""
+        return self._datasets(split)
+
+    def _datasets(self, split):
+        cache = self.__dict__.setdefault("_dataset_cache", {})
+        if split not in cache:
+            cache[split] = self.world.dataset(split)
+        return cache[split]
+
+    def seed_everything(self, offset: int = 0):
+        seed_everything(self.seed + offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage records
+# ---------------------------------------------------------------------------------------------
+
+def stage_id(name: str, config: dict) -> str:
+    """A trained stage's id: its name and a hash of everything that determined it."""
+    return f"{name}-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def write_record(run: Run, name: str, config: dict, requires: dict | None = None, **extra) -> dict:
+    """Mark stage `name` as trained: `<run>/<name>/stage.json` (atomic)."""
+    record = {"stage": name, "id": stage_id(name, {"config": config, "requires": requires or {}}),
+              "config": config, "requires": dict(requires or {}), **extra}
+    atomic_write_json(record, run.folder.path(name, "stage.json"))
+    return record
+
+
+def read_record(run: Run, name: str) -> dict | None:
+    """The stage's record, or None when it has not finished training in this run folder."""
+    path = run.folder.root / name / "stage.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is unreadable ({e}): delete it to retrain stage {name!r}") from e
+
+
+def check_requires(run: Run, name: str, record: dict):
+    """Refuse a stage trained from inputs that have changed since."""
+    for dep, want in record.get("requires", {}).items():
+        have = read_record(run, dep)
+        if have is None or have["id"] != want:
+            now = "missing" if have is None else have["id"]
+            raise ArtifactError(f"stage {name!r} in {run.folder.root} was trained from {dep} {want}, but "
+                                f"the {dep} there is now {now}: delete {run.folder.root / name} to retrain "
+                                f"{name} on the current {dep}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]   # stages that must be trained first
+    notebook: str            # the notebook that teaches it
+    module: str              # the library module with train_stage / load_stage
+    about: str
+
+
+STAGES = {s.name: s for s in [
+    Stage("clip", (), "02_clip", "clip_model", "contrastive text-image encoder + cached embeddings"),
+]}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def _module(stage: Stage):
+    import importlib
+    return importlib.import_module(f"unclip_mini.{stage.module}")
+
+
+def load_or_train(run: Run, name: str, steps: int | None = None, verbose: bool = True):
+    """Load stage `name` from the run folder; train it (and any missing stage it needs) if absent."""
+    stage = get_stage(name)
+    record = read_record(run, name)
+    if record is not None:
+        check_requires(run, name, record)
+        if verbose:
+            print(f"[{name}] loaded from {run.folder.root / name} (id {record['id']})")
+        return _module(stage).load_stage(run)
+    for dep in stage.needs:
+        if read_record(run, dep) is None:
+            load_or_train(run, dep, verbose=verbose)
+    if verbose:
+        print(f"[{name}] not trained yet in {run.folder.root / name}: training it now through the library "
+              f"(notebook {stage.notebook} explains this stage)")
+    return _module(stage).train_stage(run, steps=steps)

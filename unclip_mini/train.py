@@ -1,0 +1,393 @@
+"""One training loop for every stage: EMA, checkpoints, exact resume, progress, mixed precision, DDP.
+
+A stage supplies a model, a way to build a batch from dataset indices, and a loss function; the loop
+does the rest. What it guarantees:
+
+- **Exact resume.** A checkpoint holds the model, the EMA, the optimizer, the LR scheduler, the step,
+  and every random state (torch, numpy, python, the loop's own generator, the data order). Killing a
+  run at any point and restarting it gives, on CPU, the same final weights bit for bit.
+- **No torn files.** Checkpoints are written to a temporary file and renamed (artifacts.py), and read
+  back with `torch.load(weights_only=True)`.
+- **Loud failures.** A NaN or infinite loss stops training with the step and the last good checkpoint.
+
+Randomness inside `loss_fn` (timesteps, noise, condition dropout) must come from the `generator` it is
+given; the model's own dropout uses torch's global RNG, which is checkpointed too.
+Under `torchrun` (DDP) each rank takes its slice of every global batch and rank 0 writes.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from .progress import tqdm
+
+from .artifacts import atomic_torch_save, make_meta, safe_torch_load
+from .config import PresetConfig, check, check_choice, check_positive, check_range, diff_configs
+from .errors import CheckpointError, ConfigError, DeviceError, TrainingDiverged
+
+CHECKPOINT_FORMAT = "unclip_mini.checkpoint/1"
+
+
+@dataclass(frozen=True)
+class TrainConfig(PresetConfig):
+    """How long and how a stage trains (each stage's config holds one)."""
+    steps: int = 1000             # optimizer steps
+    batch_size: int = 32          # global batch (split across DDP ranks)
+    lr: float = 1e-3              # peak learning rate (paper decoder: 1.2e-4 at batch 2048)
+    warmup_steps: int = 100       # linear LR warm-up
+    lr_schedule: str = "constant"  # after warm-up: 'constant' | 'cosine' (to 10% of lr)
+    weight_decay: float = 0.0     # AdamW (paper prior: 6e-2; decoder 0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0        # max gradient norm (0 = off)
+    ema_decay: float = 0.999      # max EMA decay; warm-up min(decay, (1+n)/(10+n)) (paper: 0.9999)
+    ckpt_every: int = 500         # checkpoint every this many steps (and at the end)
+    log_every: int = 10           # history / progress-bar refresh period
+    precision: str = "fp32"       # 'fp32' | 'bf16' (autocast; used on CUDA only)
+
+    def __post_init__(self):
+        check_positive(self, "steps", "batch_size", "ckpt_every", "log_every")
+        check_range(self, "lr", 0, low_open=True)
+        check_range(self, "warmup_steps", 0, integer=True)
+        check_choice(self, "lr_schedule", ("constant", "cosine"))
+        check_range(self, "weight_decay", 0)
+        check_range(self, "grad_clip", 0)
+        check_range(self, "ema_decay", 0, 1)
+        check_choice(self, "precision", ("fp32", "bf16"))
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), self, "betas",
+              "two numbers in [0, 1)")
+
+    def lr_at(self, step: int) -> float:
+        """Learning-rate multiplier at `step` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            p = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+        return 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# devices, distributed
+# ---------------------------------------------------------------------------------------------
+
+def resolve_device(device=None) -> torch.device:
+    """'auto'/None -> cuda if available else cpu; a device this machine lacks fails clearly."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} was requested but this machine has no CUDA GPU "
+                          f"(torch.cuda.is_available() is False): use device='cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r} does not exist: this machine has "
+                          f"{torch.cuda.device_count()} GPU(s); use cuda:0..")
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {device!r} is not supported: use 'auto', 'cpu' or 'cuda'")
+    return dev
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) outside torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> torch.device | None:
+    """Under torchrun (WORLD_SIZE > 1), join the process group and return this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA, data order, random states
+# ---------------------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of a model's parameters, with warm-up.
+
+    decay_n = min(max_decay, (1 + n) / (10 + n)): early on the average follows the model closely,
+    so a short run's EMA is not dominated by its random initialisation.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.max_decay = max_decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int):
+        d = min(self.max_decay, (1 + step) / (10 + step))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+class EpochSampler:
+    """Batches of dataset indices: a fresh permutation per epoch from (seed, epoch).
+
+    The data order is a pure function of (seed, epoch, position), so its whole state is two ints.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        if size < 1:
+            raise ConfigError("the training set is empty: check the data config (train_size)")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = None
+
+    def _permutation(self):
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm = torch.randperm(self.size, generator=g)
+        return self._perm
+
+    def next(self) -> torch.Tensor:
+        """The next `batch_size` indices (wrapping into the next epoch) `[batch_size]`."""
+        out = []
+        need = self.batch_size
+        while need:
+            perm = self._permutation()
+            take = perm[self.pos:self.pos + need]
+            out.append(take)
+            need -= len(take)
+            self.pos += len(take)
+            if self.pos >= self.size:
+                self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
+        return torch.cat(out)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.epoch, self.pos, self._perm = int(s["epoch"]), int(s["pos"]), None
+
+
+def get_rng_state(generator: torch.Generator) -> dict:
+    """Every random state that training touches, as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+        "generator": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    generator.set_state(state["generator"])
+
+
+def seed_everything(seed: int):
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def load_checkpoint(path, *, stage: str | None = None, config: dict | None = None,
+                    fix: str = "train the stage again") -> dict:
+    """Read a training checkpoint written by `Trainer`, refusing foreign or mismatched ones.
+
+    `config` (a dict) must equal the one stored, except for `train.steps` (training may be extended).
+    """
+    ckpt = safe_torch_load(path, what="checkpoint", fix=fix)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an unclip_mini training checkpoint (no "
+                              f"{CHECKPOINT_FORMAT!r} marker): pass a checkpoint this library wrote")
+    have = ckpt["meta"].get("kind")
+    if stage is not None and have != stage:
+        raise CheckpointError(f"{path} holds a {have!r} checkpoint, not a {stage!r} one: "
+                              f"pass the {stage} checkpoint (runs/<preset>/{stage}/checkpoint.pt)")
+    if config is not None:
+        diffs = [d for d in diff_configs(_no_steps(ckpt["meta"]["config"]), _no_steps(config))]
+        if diffs:
+            raise CheckpointError(f"{path} was trained with another config ({'; '.join(diffs[:6])}): "
+                                  f"use the matching preset, or delete the folder {os.path.dirname(path)} "
+                                  f"to retrain")
+    return ckpt
+
+
+def _no_steps(cfg: dict) -> dict:
+    cfg = copy.deepcopy(cfg)
+    if isinstance(cfg.get("train"), dict):
+        cfg["train"].pop("steps", None)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Train `model` for `cfg.steps` steps with resume from `ckpt_path`.
+
+    Args:
+        model: the module to train (moved to `device`).
+        loss_fn: `loss_fn(model, batch, generator) -> (loss scalar, logs dict of floats)`.
+        get_batch: `get_batch(indices [b] LongTensor) -> batch` (anything `loss_fn` understands),
+            already on `device` or moved by `loss_fn`.
+        dataset_size: number of training examples the indices range over.
+        cfg: TrainConfig.
+        ckpt_path: where the checkpoint lives; an existing one is resumed.
+        stage: the stage's name, stored in and checked against the checkpoint.
+        config: the stage's whole config as a dict (stored; a checkpoint made with another refuses).
+        requires: ids of the artifacts this stage was trained from (e.g. the CLIP it used).
+        seed: seeds model init beforehand (caller), the data order and the loop's generator.
+        parameters: optional subset of parameters to optimise (default: all that require grad).
+    """
+
+    def __init__(self, model, loss_fn, get_batch, dataset_size, cfg: TrainConfig, ckpt_path, *,
+                 stage: str, config: dict, requires: dict | None = None, seed: int = 0,
+                 device=None, progress: bool = True, on_checkpoint=None):
+        self.cfg, self.stage, self.config, self.requires = cfg, stage, config, dict(requires or {})
+        self.ckpt_path = ckpt_path
+        self.device = resolve_device(device)
+        self.rank, self.world = dist_info()
+        if cfg.batch_size % self.world:
+            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {self.world} "
+                              f"torchrun processes: choose a multiple of {self.world}")
+        self.model = model.to(self.device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.train_model = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_at)
+        self.loss_fn, self.get_batch = loss_fn, get_batch
+        self.sampler = EpochSampler(dataset_size, cfg.batch_size, seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed * 7919 + self.rank)
+        self.step = 0
+        self.history = {"step": [], "loss": [], "lr": [], "seconds": []}
+        self.progress = progress and self.rank == 0
+        self.on_checkpoint = on_checkpoint
+        self.last_good = None
+        self.resumed_from = None
+        if os.path.exists(ckpt_path):
+            self._resume()
+        else:  # a fresh run: every RNG the loop touches starts from `seed` (same seed, same run)
+            seed_everything(seed * 7919 + self.rank)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "meta": make_meta(self.stage, self.config, self.requires),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": get_rng_state(self.generator),
+            "history": self.history,
+        }
+
+    def save(self):
+        if self.rank == 0:
+            atomic_torch_save(self.state_dict(), self.ckpt_path)
+            self.last_good = self.step
+            if self.on_checkpoint:
+                self.on_checkpoint(self.step)
+
+    def _resume(self):
+        ckpt = load_checkpoint(self.ckpt_path, stage=self.stage, config=self.config,
+                               fix=f"delete {self.ckpt_path} to train from scratch")
+        have = ckpt["meta"].get("requires", {})
+        for k, v in self.requires.items():
+            if have.get(k) != v:
+                raise CheckpointError(f"{self.ckpt_path} was trained from {k} {have.get(k)!r}, but the "
+                                      f"current {k} is {v!r}: delete {self.ckpt_path} to retrain on it")
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.model.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"], self.generator)
+        self.history = ckpt["history"]
+        self.step = self.last_good = self.resumed_from = int(ckpt["step"])
+
+    # -- training ----------------------------------------------------------------------------
+    def _autocast(self):
+        on = self.cfg.precision == "bf16" and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
+
+    def fit(self) -> dict:
+        """Train until `cfg.steps`; returns the history {'step', 'loss', 'lr', 'seconds'}."""
+        cfg = self.cfg
+        if self.step >= cfg.steps:
+            return self.history
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, disable=not self.progress,
+                   dynamic_ncols=True)
+        t0 = time.perf_counter() - (self.history["seconds"][-1] if self.history["seconds"] else 0.0)
+        running, count = 0.0, 0
+        while self.step < cfg.steps:
+            idx = self.sampler.next()
+            if self.world > 1:
+                idx = idx.chunk(self.world)[self.rank]
+            batch = self.get_batch(idx)
+            with self._autocast():
+                loss, logs = self.loss_fn(self.train_model, batch, self.generator)
+            if not torch.isfinite(loss.detach()):
+                where = (f"the last good checkpoint is {self.ckpt_path} (step {self.last_good})"
+                         if self.last_good is not None else "no checkpoint was written yet")
+                raise TrainingDiverged(f"{self.stage}: the loss is {loss.item()} at step {self.step + 1}; "
+                                       f"{where}. Lower the learning rate (train.lr = {cfg.lr}) or "
+                                       f"check the inputs for NaN, then resume or retrain")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.ema.update(self.model, self.step)
+            self.step += 1
+            running += loss.item()
+            count += 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self.history["step"].append(self.step)
+                self.history["loss"].append(running / count)
+                self.history["lr"].append(self.scheduler.get_last_lr()[0])
+                self.history["seconds"].append(time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{running / count:.4f}", **{k: f"{v:.3g}" for k, v in logs.items()})
+                bar.update(self.step - bar.n)
+                running, count = 0.0, 0
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        return self.history
