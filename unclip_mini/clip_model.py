@@ -52,7 +52,7 @@ class ClipConfig(PresetConfig):
     text_width: int = 128           # text transformer width = per-token feature width (paper: 1024)
     text_layers: int = 3            # (paper: 24)
     text_heads: int = 4             # (paper: 16)
-    context_length: int = 32        # max caption tokens incl. start/end (paper: 77)
+    context_length: int = 24        # max caption tokens incl. start/end (paper: 77)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2000, batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", weight_decay=0.1,
         betas=(0.9, 0.98), ema_decay=0.99, ckpt_every=500))
@@ -71,7 +71,7 @@ class ClipConfig(PresetConfig):
     @classmethod
     def smoke(cls):
         return cls(image_size=16, patch_size=4, vision_width=32, vision_layers=1, vision_head_width=16,
-                   text_width=32, text_layers=1, text_heads=2, embed_dim=16, context_length=32,
+                   text_width=32, text_layers=1, text_heads=2, embed_dim=16, context_length=24,
                    train=TrainConfig(steps=20, batch_size=32, lr=2e-3, warmup_steps=5, ckpt_every=10,
                                      log_every=5, ema_decay=0.9))
 
@@ -323,10 +323,21 @@ def contrastive_loss_fn():
 
 
 @torch.no_grad()
-def zero_shot_classify(encoder: ClipEncoder, image_embed: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """"Create a dataset classifier from label text" (CLIP): index of the best prompt per image `[B]`."""
-    text = encoder.encode_text(prompts)["text_embed"].to(image_embed.device)
-    return (image_embed @ text.T).argmax(dim=-1)
+def class_embeddings(encoder: ClipEncoder, classes, templates=("{}",)) -> torch.Tensor:
+    """"Create a dataset classifier from label text" (CLIP §3.1.2): one unit vector per class `[K, D]`.
+
+    Each class name is put into every template and the text embeddings are averaged (CLIP's prompt
+    ensembling), then renormalised.
+    """
+    per_template = [encoder.encode_text([t.format(c) for c in classes])["text_embed"] for t in templates]
+    return F.normalize(torch.stack(per_template).mean(0), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_classify(encoder: ClipEncoder, image_embed: torch.Tensor, classes, templates=("{}",)):
+    """Zero-shot classification: index of the most similar class embedding for each image `[B]`."""
+    weights = class_embeddings(encoder, classes, templates).to(image_embed.device)
+    return (image_embed @ weights.T).argmax(dim=-1)
 
 
 def recall_at_1(text_embed: torch.Tensor, image_embed: torch.Tensor, same=None) -> float:

@@ -25,9 +25,9 @@ from .stages import REPO_ROOT, default_run_dir
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
-def notebooks(only=None) -> list[Path]:
+def notebooks(only=None, folder=NOTEBOOK_DIR) -> list[Path]:
     """The course's notebooks in reading order (optionally only those whose name starts with `only`)."""
-    found = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    found = sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
     if only:
         picked = [p for p in found if any(p.name.startswith(o) for o in only)]
         missing = [o for o in only if not any(p.name.startswith(o) for p in found)]
@@ -50,7 +50,7 @@ def clean_notebook(nb) -> None:
 
 
 def run_course(preset: str = "toy", out=None, only=None, publish: bool = False, device=None,
-               timeout: int | None = None) -> int:
+               timeout: int | None = None, notebook_dir=NOTEBOOK_DIR) -> int:
     """Execute the notebooks; returns 0 on success, 1 when a notebook failed (reported)."""
     import nbformat
     import papermill
@@ -67,7 +67,7 @@ def run_course(preset: str = "toy", out=None, only=None, publish: bool = False, 
     if device:
         os.environ["UNCLIP_DEVICE"] = device
     timings = {}
-    todo = notebooks(only)
+    todo = notebooks(only, notebook_dir)
     t_all = time.perf_counter()
     for path in tqdm(todo, desc=f"course ({preset})", unit="notebook"):
         target = executed / path.name
@@ -75,7 +75,7 @@ def run_course(preset: str = "toy", out=None, only=None, publish: bool = False, 
         print(f"-> {path.name}", flush=True)
         try:
             papermill.execute_notebook(str(path), str(target), parameters={}, kernel_name="python3",
-                                       cwd=str(NOTEBOOK_DIR), progress_bar=False,
+                                       cwd=str(notebook_dir), progress_bar=False,
                                        execution_timeout=timeout)
         except PapermillExecutionError as e:
             timings[path.stem] = round(time.perf_counter() - t0, 1)

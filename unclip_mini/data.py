@@ -1,6 +1,6 @@
 """The data: a procedurally generated image-caption toy world, and loaders for real image-caption folders.
 
-unCLIP (Ramesh et al. 2022, §5) trains every stage on ~650M image-text pairs. A course on two CPU cores
+unCLIP (Ramesh et al. 2022) trains its stages on ~650M image-text pairs. A course on two CPU cores
 cannot, so its stages train on a generated world where every image comes with its ground truth:
 
     "a large red circle in the top left"            one object: colour, shape, size, one of 4 cells
@@ -17,8 +17,8 @@ band-limited (the area-average of the x16 render is close to the base render).
 The splits test compositional generalisation: (colour, shape) pairs in `heldout_pairs` never occur in
 'train' or 'val', and every 'heldout' scene contains one. A scene is a pure function of
 (seed, split, index), identical on every machine. With probability `p_text` a train/val scene has its
-shape's name written on it in a 5x7 bitmap font (for the typographic-attack experiment, CLIP §7.2 /
-unCLIP §5.2's reading of text in images).
+shape's name written on it in a 5x7 bitmap font (for the typographic-attack experiment of unCLIP §4,
+Figure 6: CLIP reads text in images).
 
 For the GPU presets, `ImageCaptionFolder` and `CocoCaptions` read real image-caption data and return the
 same items as `ToyDataset`.
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PresetConfig, check, check_positive, check_range
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .progress import tqdm
 
 # ---------------------------------------------------------------------------------------------
@@ -175,12 +175,13 @@ class DataConfig(PresetConfig):
     @classmethod
     def small(cls):
         return cls(resolution=64, colours=tuple(PALETTE), shapes=SHAPES[:8],
-                   heldout_pairs=ALL_HELDOUT, train_size=200_000, val_size=5000, heldout_size=5000)
+                   heldout_pairs=ALL_HELDOUT, train_size=100_000, val_size=5000, heldout_size=5000)
 
     @classmethod
     def paper(cls):
+        # 1M scenes at 64 px are 12 GB as uint8: render batches on the fly rather than `.images()`
         return cls(resolution=64, colours=tuple(PALETTE), shapes=SHAPES, sizes=tuple(SIZES),
-                   heldout_pairs=ALL_HELDOUT, train_size=2_000_000, val_size=10000, heldout_size=10000)
+                   heldout_pairs=ALL_HELDOUT, train_size=1_000_000, val_size=10000, heldout_size=10000)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +236,29 @@ def make_caption(objects, relation, template: int, text=None, text_in_caption=Fa
     if text is not None and text_in_caption:
         caption += f" with the word {text} written on the {objects[0].shape}"
     return _articles(caption)
+
+
+def describes(caption_scene: "Scene", scenes) -> torch.Tensor:
+    """Which `scenes` the caption of `caption_scene` is also true of `[N]` bool.
+
+    In this world a caption like "a red circle" fits many images. Scene j fits the caption when its own
+    ground truth, said with the caption's template, gives the same words (for pairs, in either order).
+    """
+    t = caption_scene.template
+    out = []
+    for s in scenes:
+        if len(s.objects) != len(caption_scene.objects):
+            out.append(False)
+            continue
+        said = {make_caption(s.objects, s.relation, t)}
+        if len(s.objects) == 2:
+            said.add(make_caption(s.objects[::-1], RELATIONS[s.relation], t))
+        out.append(_strip_text(caption_scene.caption) in said)
+    return torch.tensor(out)
+
+
+def _strip_text(caption: str) -> str:
+    return caption.split(" with the word ")[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,6 +559,8 @@ class ToyWorld:
             scenes = [scenes]
         scenes = list(scenes)
         res = self.cfg.resolution if resolution is None else resolution
+        if isinstance(res, np.integer):
+            res = int(res)
         if isinstance(res, bool) or not isinstance(res, int) or res < 1:
             raise DataError(f"resolution {res!r} must be a positive int (e.g. {self.cfg.resolution} or "
                             f"{4 * self.cfg.resolution})")
@@ -721,6 +747,7 @@ class ToyDataset:
         return [s.caption for s in self.scenes()]
 
     def __getitem__(self, i: int) -> dict:
+        i = int(i)
         if not -self.size <= i < self.size:
             raise IndexError(f"index {i} out of range for a {self.split} dataset of {self.size} scenes")
         i %= self.size
@@ -730,14 +757,15 @@ class ToyDataset:
 
     def images(self, resolution: int | None = None, batch_size: int = 1024, progress: bool = False) -> torch.Tensor:
         """Every scene rendered: uint8 `[N, 3, R, R]` (the base render is cached; do not modify it in place)."""
-        if resolution is None and self._images is not None:
+        res = resolution or self.world.cfg.resolution
+        base = res == self.world.cfg.resolution
+        if base and self._images is not None:
             return self._images
         scenes = self.scenes()
-        res = resolution or self.world.cfg.resolution
         out = torch.empty(len(scenes), 3, res, res, dtype=torch.uint8)
         for a in tqdm(range(0, len(scenes), batch_size), disable=not progress, desc=f"render {self.split}"):
-            out[a:a + batch_size] = self.world.render(scenes[a:a + batch_size], resolution)
-        if resolution is None:
+            out[a:a + batch_size] = self.world.render(scenes[a:a + batch_size], res)
+        if base:
             self._images = out
         return out
 

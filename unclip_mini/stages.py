@@ -1,6 +1,6 @@
 """The pipeline's stages, the whole stack's config, and the run they share.
 
-    Config   every component's config for one preset (`Config.preset("toy")`)
+    Config   every component's config for one preset (`Config(preset="toy")`)
     Run      a Config + a run folder + a device + a seed: what notebooks, the CLI and tests work in
     STAGES   name -> what it needs, which notebook teaches it, how to train and load it
     load_or_train(run, name)   load a stage from the run folder, or train it (and what it needs) first
@@ -18,31 +18,64 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from .artifacts import RunFolder, atomic_write_json
-from .config import PRESETS, PresetConfig, check_range
+from .config import PRESETS, PresetConfig, check_choice, check_range
 from .errors import ArtifactError, ConfigError
 from .train import resolve_device, seed_everything
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# field of Config -> (module, factory): factory(preset) gives that component's config for a preset
+COMPONENTS = {
+    "data": ("data", "DataConfig.preset"),
+    "clip": ("clip_model", "ClipConfig.preset"),
+    "diffusion_prior": ("diffusion_prior", "DiffusionPriorConfig.preset"),
+    "ar_prior": ("ar_prior", "ARPriorConfig.preset"),
+    "checker": ("metrics", "CheckerConfig.preset"),
+    "decoder": ("decoder", "DecoderConfig.preset"),
+    "glide": ("decoder", "DecoderConfig.glide"),
+    "upsampler1": ("upsampler", "UpsamplerConfig.stage1"),
+    "upsampler2": ("upsampler", "UpsamplerConfig.stage2"),
+}
+
+
+def _factory(field_name):
+    import importlib
+    module, attr = COMPONENTS[field_name]
+    obj = importlib.import_module(f"unclip_mini.{module}")
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 @dataclass(frozen=True)
 class Config(PresetConfig):
-    """The configuration of every stage for one preset."""
+    """The configuration of every stage for one preset (each part is that component's own config)."""
     preset: str = "toy"
     seed: int = 0
-    data: "DataConfig" = None
-    clip: "ClipConfig" = None
+    data: Any = None              # data.DataConfig
+    clip: Any = None              # clip_model.ClipConfig
+    diffusion_prior: Any = None   # diffusion_prior.DiffusionPriorConfig
+    ar_prior: Any = None          # ar_prior.ARPriorConfig
+    checker: Any = None           # metrics.CheckerConfig (the attribute checker that scores images)
+    decoder: Any = None           # decoder.DecoderConfig
+    glide: Any = None             # decoder.DecoderConfig without z_i: the GLIDE-style baseline
+    upsampler1: Any = None        # upsampler.UpsamplerConfig, base -> x4
+    upsampler2: Any = None        # upsampler.UpsamplerConfig, x4 -> x16
 
     def __post_init__(self):
-        from .clip_model import ClipConfig
-        from .data import DataConfig
+        check_choice(self, "preset", PRESETS)
         check_range(self, "seed", 0, integer=True)
-        defaults = {"data": DataConfig, "clip": ClipConfig}
-        for name, cls in defaults.items():  # a missing component takes this preset's default
+        for name in COMPONENTS:  # a missing component takes this preset's default
             if getattr(self, name) is None:
-                object.__setattr__(self, name, cls.preset(self.preset))
+                try:
+                    object.__setattr__(self, name, _factory(name)(self.preset))
+                except ModuleNotFoundError as e:  # a component still being written (tests catch this)
+                    if e.name != f"unclip_mini.{COMPONENTS[name][0]}":
+                        raise
         if self.clip.arch == "custom" and self.clip.image_size != self.data.resolution:
             raise ConfigError(f"clip.image_size = {self.clip.image_size} but data.resolution = "
                               f"{self.data.resolution}: a CLIP trained here reads the base images; make "
@@ -66,10 +99,13 @@ class Config(PresetConfig):
 
     @classmethod
     def from_dict(cls, d):
-        from .clip_model import ClipConfig
-        from .data import DataConfig
-        types = {"data": DataConfig, "clip": ClipConfig}
-        return cls(**{k: types[k].from_dict(v) if k in types else v for k, v in d.items()})
+        parts = {}
+        for k, v in d.items():
+            if k in COMPONENTS and isinstance(v, dict):
+                parts[k] = type(_factory(k)(d.get("preset", "toy"))).from_dict(v)
+            else:
+                parts[k] = v
+        return cls(**parts)
 
     def with_steps(self, stage: str, steps: int | None) -> "Config":
         """A copy where `stage` trains for `steps` steps (None: unchanged)."""
@@ -95,7 +131,7 @@ class Run:
         if config is None:
             if preset not in PRESETS:
                 raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-            config = Config.preset(preset)
+            config = Config(preset=preset)
         if seed is not None:
             config = config.replace(seed=seed)
         self.cfg = config
@@ -175,12 +211,27 @@ class Stage:
     name: str
     needs: tuple[str, ...]   # stages that must be trained first
     notebook: str            # the notebook that teaches it
-    module: str              # the library module with train_stage / load_stage
+    module: str              # the library module that trains and loads it
     about: str
+    train_fn: str = "train_stage"  # module.<train_fn>(run, steps=None) -> the trained object
+    load_fn: str = "load_stage"    # module.<load_fn>(run) -> the trained object
 
 
 STAGES = {s.name: s for s in [
     Stage("clip", (), "02_clip", "clip_model", "contrastive text-image encoder + cached embeddings"),
+    Stage("diffusion_prior", ("clip",), "04_diffusion_prior", "diffusion_prior",
+          "caption -> CLIP image embedding by diffusion (the paper's preferred prior)"),
+    Stage("ar_prior", ("clip",), "05_ar_prior", "ar_prior",
+          "caption -> CLIP image embedding as PCA-quantized codes, autoregressively"),
+    Stage("checker", (), "06_decoder", "metrics", "attribute classifier that scores generated toy images",
+          "train_checker", "load_checker"),
+    Stage("decoder", ("clip",), "06_decoder", "decoder", "CLIP image embedding (+ caption) -> base image"),
+    Stage("glide", ("clip",), "06_decoder", "decoder", "the GLIDE-style baseline: caption -> base image",
+          "train_glide", "load_glide"),
+    Stage("upsampler1", (), "07_upsamplers", "upsampler", "base -> x4, Gaussian-blur corrupted conditioning",
+          "train_upsampler1", "load_upsampler1"),
+    Stage("upsampler2", (), "07_upsamplers", "upsampler", "x4 -> x16, BSR-degraded conditioning",
+          "train_upsampler2", "load_upsampler2"),
 ]}
 
 
@@ -203,11 +254,11 @@ def load_or_train(run: Run, name: str, steps: int | None = None, verbose: bool =
         check_requires(run, name, record)
         if verbose:
             print(f"[{name}] loaded from {run.folder.root / name} (id {record['id']})")
-        return _module(stage).load_stage(run)
+        return getattr(_module(stage), stage.load_fn)(run)
     for dep in stage.needs:
         if read_record(run, dep) is None:
             load_or_train(run, dep, verbose=verbose)
     if verbose:
         print(f"[{name}] not trained yet in {run.folder.root / name}: training it now through the library "
               f"(notebook {stage.notebook} explains this stage)")
-    return _module(stage).train_stage(run, steps=steps)
+    return getattr(_module(stage), stage.train_fn)(run, steps=steps)
