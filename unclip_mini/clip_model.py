@@ -45,7 +45,7 @@ class ClipConfig(PresetConfig):
     pretrained: str | None = None   # open_clip tag or weights file (paper: laion2b ViT-H); None = train here
     embed_dim: int = 64             # dim of z_i and z_t (paper: 1024)
     image_size: int = 32            # input resolution (= the data's base resolution; paper: 224)
-    patch_size: int = 4             # ViT patch (paper: 14)
+    patch_size: int = 8             # ViT patch (paper: 14); 8 px = a quarter of a toy cell, 16 tokens
     vision_width: int = 128         # ViT width (paper: 1280)
     vision_layers: int = 3          # ViT depth (paper: 32)
     vision_head_width: int = 32     # channels per attention head (paper: 80)
@@ -54,7 +54,7 @@ class ClipConfig(PresetConfig):
     text_heads: int = 4             # (paper: 16)
     context_length: int = 24        # max caption tokens incl. start/end (paper: 77)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=2000, batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", weight_decay=0.1,
+        steps=2000, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine", weight_decay=0.1,
         betas=(0.9, 0.98), ema_decay=0.99, ckpt_every=500))
 
     def __post_init__(self):

@@ -504,7 +504,11 @@ class SpacedDiffusion(GaussianDiffusion):
 
 def respace(diffusion, section_counts):
     """`diffusion` sampled on the steps `space_timesteps(T, section_counts)` picks ("ddim50", 50, ...)."""
-    return SpacedDiffusion(diffusion, space_timesteps(diffusion.num_timesteps, section_counts))
+    use = space_timesteps(diffusion.num_timesteps, section_counts)
+    if len(use) < 2:
+        raise ConfigError(f"respacing {section_counts!r} keeps {len(use)} step; sampling needs at least 2 "
+                          f"(e.g. 'ddim2')")
+    return SpacedDiffusion(diffusion, use)
 
 
 def create_diffusion(cfg: DiffusionConfig, respacing=None):

@@ -240,11 +240,14 @@ def load_checkpoint(path, *, stage: str | None = None, config: dict | None = Non
     return ckpt
 
 
-def _no_steps(cfg: dict) -> dict:
-    cfg = copy.deepcopy(cfg)
-    if isinstance(cfg.get("train"), dict):
-        cfg["train"].pop("steps", None)
-    return cfg
+def _no_steps(cfg):
+    """The config without any `train.steps` (at any depth): training may be extended."""
+    if not isinstance(cfg, dict):
+        return cfg
+    out = {k: _no_steps(v) for k, v in cfg.items()}
+    if isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k != "steps"}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
