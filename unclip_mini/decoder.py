@@ -1,0 +1,552 @@
+"""The decoder: CLIP image embedding (+ caption) -> base image, and the GLIDE-style baseline (unCLIP §2.1).
+
+unCLIP §2.1: "We use diffusion models to produce images conditioned on CLIP image embeddings (and
+optionally text captions). Specifically, we modify the architecture described in Nichol et al. (2021)
+by projecting and adding CLIP embeddings to the existing timestep embedding, and by projecting CLIP
+embeddings into four extra tokens of context that are concatenated to the sequence of outputs from the
+GLIDE text encoder. [...] we enable classifier-free guidance by randomly setting the CLIP embeddings to
+zero (or a learned embedding) 10% of the time, and randomly dropping the text caption 50% of the time
+during training."
+
+So a `Decoder` is three pieces around the ADM U-Net of `unet.py`:
+
+    tokens [B, L] --TextEncoder (GLIDE, Nichol et al. 2021)--> text_tokens [B, L, W], pooled [B, W]
+    pooled  --Linear--> added to the timestep embedding (`emb=`)
+    z_i [B, D] --Linear--> added to the timestep embedding
+    z_i     --Linear--> 4 context tokens [B, 4, W], concatenated to text_tokens (`context=`)
+
+The GLIDE-style baseline is the same network without the z_i paths (`use_image_embed=False`): the
+paper's comparison "GLIDE" (a caption-only decoder). Both are stages: "decoder" and "glide".
+
+Recipe per preset. `paper` is Table 3's 64 px decoder: eps-prediction with a learned variance and the
+hybrid loss (Improved DDPM), 1000 cosine steps, 250 sampling steps. `toy`/`small` predict v with a fixed
+variance and sample with DDIM: DESIGN.md measured on 2 CPU cores that eps-prediction leaves coloured
+noise after the few hundred steps a CPU affords, while v-prediction gets colour and position right in
+the same steps; a learned variance only pays off with many sampling steps, which a CPU cannot afford.
+
+What we change for the CPU: below `paper` the 49k-row token table is factorised (a narrow table and a
+Linear, `token_dim`), because its dense gradient, optimizer and EMA updates cost more than the text
+encoder itself. What is left out: GLIDE's inpainting channels, fp16 code inside the model, the paper's
+text context of 256 (the caption here is the CLIP's own token ids, so it has the CLIP's context length).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import PresetConfig, check, check_choice, check_positive, check_range
+from .errors import ArtifactError, ConfigError, DataError
+from .gaussian_diffusion import DiffusionConfig, classifier_free_guidance, create_diffusion
+from .train import TrainConfig
+from .transformer import Transformer
+from .unet import UNetConfig, UNetModel, count_parameters
+
+CLIP_VOCAB_SIZE = 49408  # open_clip's BPE vocabulary: the token ids the CLIP embeddings cache holds
+
+
+@dataclass(frozen=True)
+class DecoderConfig(PresetConfig):
+    """The decoder (or, with use_image_embed=False, the GLIDE-style baseline). Defaults = toy."""
+    unet: UNetConfig = field(default_factory=UNetConfig.toy)            # paper: Table 3, 64 px decoder
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig.toy)  # paper: eps, learned_range, hybrid
+    clip_dim: int = 64               # dim of z_i (the CLIP's embed_dim; paper: 1024)
+    text_ctx: int = 24               # positions of the caption encoder (= the CLIP's context length; paper: 256)
+    vocab_size: int = CLIP_VOCAB_SIZE  # token ids: open_clip's BPE (paper: GLIDE's 50257-token BPE)
+    token_dim: int | None = 16       # token-table width, then a Linear to text_width (None: no factorisation)
+    text_width: int = 64             # GLIDE text encoder width = unet.context_dim (paper: 2048)
+    text_layers: int = 2             # (paper: 24)
+    text_heads: int = 4              # (paper: 32)
+    use_image_embed: bool = True     # False: the GLIDE-style baseline (caption only)
+    n_image_tokens: int = 4          # context tokens projected from z_i (paper: 4)
+    p_drop_image: float = 0.1        # P(z_i zeroed) in training, for guidance (paper: 0.1)
+    p_drop_text: float = 0.5         # P(caption dropped) in training (paper: 0.5; GLIDE: 0.2)
+    guidance_scale: float = 3.0      # classifier-free guidance at sampling; 1 = none (paper: swept, §5)
+    sampler: str = "ddim"            # 'ddim' (eta=0 by default) | 'ddpm' (ancestral; paper: 'ddpm')
+    sample_steps: int = 25           # respaced sampling steps (paper: 250)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999, ckpt_every=250))
+
+    def __post_init__(self):
+        for name in ("unet", "diffusion", "train"):
+            want = {"unet": UNetConfig, "diffusion": DiffusionConfig, "train": TrainConfig}[name]
+            check(isinstance(getattr(self, name), want), self, name, f"must be a {want.__name__}")
+        check_positive(self, "clip_dim", "text_ctx", "vocab_size", "text_width", "text_layers", "text_heads",
+                       "n_image_tokens", "sample_steps")
+        if self.token_dim is not None:
+            check_positive(self, "token_dim")
+        check(self.text_width % self.text_heads == 0, self, "text_heads",
+              f"must divide text_width {self.text_width}")
+        check(self.unet.context_dim == self.text_width, self, "text_width",
+              f"the U-Net's attention reads the caption tokens, so unet.context_dim "
+              f"({self.unet.context_dim}) must equal text_width: set both to the same value")
+        check(self.unet.in_channels == 3 and self.unet.cond_channels == 0, self, "unet",
+              "the decoder generates RGB from noise alone: in_channels=3, cond_channels=0")
+        learned = self.diffusion.var_type == "learned_range"
+        check(self.unet.learn_sigma == learned, self, "unet",
+              f"unet.learn_sigma={self.unet.learn_sigma} but diffusion.var_type="
+              f"{self.diffusion.var_type!r}: a learned variance needs learn_sigma=True, a fixed one False")
+        check_choice(self, "use_image_embed", (True, False))
+        for name in ("p_drop_image", "p_drop_text"):
+            check_range(self, name, 0.0, 1.0)
+        check_range(self, "guidance_scale", 0.0)
+        check_choice(self, "sampler", ("ddim", "ddpm"))
+        check(self.sample_steps <= self.diffusion.timesteps, self, "sample_steps",
+              f"cannot sample with more steps than the {self.diffusion.timesteps} the model was trained on")
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.image_size
+
+    @classmethod
+    def smoke(cls):
+        return cls(unet=UNetConfig.smoke(), diffusion=DiffusionConfig.smoke(), clip_dim=16, text_width=16,
+                   token_dim=8, text_layers=1, text_heads=2, sample_steps=5,
+                   train=TrainConfig(steps=12, batch_size=8, lr=1e-3, warmup_steps=2, ckpt_every=6,
+                                     log_every=2, ema_decay=0.9))
+
+    @classmethod
+    def toy(cls):
+        return cls()  # ~1.3 M-param U-Net on 32 px (16 px after the pixel unshuffle); see 06_decoder
+
+    @classmethod
+    def small(cls):
+        return cls(unet=UNetConfig.small(), diffusion=DiffusionConfig.small(), clip_dim=256, text_width=512,
+                   token_dim=128, text_layers=6, text_heads=8, sample_steps=50,
+                   train=TrainConfig(steps=30000, batch_size=256, lr=3e-4, warmup_steps=1000,
+                                     ema_decay=0.9999, ckpt_every=2000, log_every=50, precision="bf16"))
+
+    @classmethod
+    def paper(cls):
+        # Table 3: 3.5B params incl. GLIDE's 1.2B text encoder; batch 2048, 800K steps, lr 1.2e-4, EMA 0.9999
+        return cls(unet=UNetConfig.paper(), diffusion=DiffusionConfig.paper(), clip_dim=1024, text_ctx=77,
+                   token_dim=None, text_width=2048, text_layers=24, text_heads=32, sampler="ddpm", sample_steps=250,
+                   train=TrainConfig(steps=800_000, batch_size=2048, lr=1.2e-4, warmup_steps=10000,
+                                     ema_decay=0.9999, ckpt_every=5000, log_every=100, precision="bf16"))
+
+    @classmethod
+    def glide(cls, preset: str = "toy"):
+        """The GLIDE-style baseline of `preset`: the same decoder with no z_i, captions dropped 20% (GLIDE)."""
+        cfg = cls.preset(preset)
+        steps = {"smoke": cfg.train.steps, "toy": 1000}.get(preset, cfg.train.steps)
+        return cfg.replace(use_image_embed=False, p_drop_image=0.0, p_drop_text=0.2,
+                           train=cfg.train.replace(steps=steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# the network
+# ---------------------------------------------------------------------------------------------
+
+class TextEncoder(nn.Module):
+    """GLIDE's caption encoder: token + position embeddings, a bidirectional transformer.
+
+    tokens [B, L] (open_clip ids; 0 = padding) -> text_tokens [B, L, W], text_mask [B, L] (True = real
+    token), pooled [B, W] (the end-of-text position's feature). A row of zeros is the empty caption: it
+    is fully masked and its pooled feature is a learned constant (the "null caption" of guidance).
+    With `token_dim` < W the token table is [vocab, token_dim] followed by a Linear up to W (ALBERT's
+    factorised embedding, arXiv:1909.11942): the 49k-row table then costs the optimizer, the EMA and the
+    gradient a few times less, which matters on a CPU where a toy caption uses ~40 of those rows.
+    """
+
+    def __init__(self, vocab_size: int, text_ctx: int, width: int, layers: int, heads: int,
+                 token_dim: int | None = None):
+        super().__init__()
+        d = token_dim or width
+        self.token_embedding = nn.Embedding(vocab_size, d)
+        self.token_proj = nn.Linear(d, width, bias=False) if d != width else nn.Identity()
+        self.positional_embedding = nn.Parameter(torch.randn(text_ctx, width) * 0.01)
+        self.transformer = Transformer(width, layers, heads, causal=False)
+
+    def forward(self, tokens: torch.Tensor):
+        mask = tokens != 0                                             # [B, L]; SOT .. EOT are non-zero
+        x = self.token_proj(self.token_embedding(tokens)) + self.positional_embedding[: tokens.shape[1]]  # [B, L, W]
+        x = self.transformer(x, key_padding_mask=mask)                 # [B, L, W] (ln_f applied)
+        eot = tokens.argmax(dim=-1)                                    # the end-of-text id is the largest
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]     # [B, W]
+        return x, mask, pooled
+
+
+class Decoder(nn.Module):
+    """unCLIP's decoder (or the GLIDE-style baseline): (x_t, t, z_i, caption tokens) -> U-Net output.
+
+    Call as `model(x [B, 3, H, W], t [B], image_embed=[B, D] or None, tokens=[B, L] or None)`; None is
+    the null condition (z_i = 0; the empty caption). `sample(...)` generates images.
+    """
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        if not isinstance(cfg, DecoderConfig):
+            raise ConfigError(f"Decoder needs a DecoderConfig, got {type(cfg).__name__}: "
+                              f"use DecoderConfig.toy() or DecoderConfig.glide('toy')")
+        self.cfg = cfg
+        emb_dim, width = cfg.unet.time_embed_dim, cfg.text_width
+        self.unet = UNetModel(cfg.unet)
+        self.text = TextEncoder(cfg.vocab_size, cfg.text_ctx, width, cfg.text_layers, cfg.text_heads, cfg.token_dim)
+        self.text_to_emb = nn.Linear(width, emb_dim)                    # GLIDE's transformer_proj
+        if cfg.use_image_embed:
+            self.image_to_emb = nn.Linear(cfg.clip_dim, emb_dim)          # z_i -> the timestep embedding
+            self.image_to_tokens = nn.Linear(cfg.clip_dim, cfg.n_image_tokens * width)  # z_i -> 4 tokens
+        self.diffusion = create_diffusion(cfg.diffusion)                 # the training chain (no weights)
+        self.record = None  # set by load_stage: the stage record (id, history, ...)
+
+    # -- conditioning ------------------------------------------------------------------------
+    def check_condition(self, image_embed, tokens, batch: int | None = None) -> int:
+        """Validate the conditioning inputs; returns the batch size they imply."""
+        cfg = self.cfg
+        sizes = set() if batch is None else {batch}
+        if image_embed is not None:
+            if not cfg.use_image_embed:
+                raise ConfigError("this is the GLIDE-style baseline (use_image_embed=False): it reads no CLIP "
+                                  "image embedding; pass tokens= only, or use the 'decoder' stage")
+            if not torch.is_tensor(image_embed) or image_embed.ndim != 2 or image_embed.shape[1] != cfg.clip_dim:
+                shape = tuple(image_embed.shape) if torch.is_tensor(image_embed) else type(image_embed).__name__
+                raise DataError(f"image_embed has shape {shape} but must be [B, {cfg.clip_dim}] (CLIP z_i): "
+                                f"use the embeddings of the CLIP this decoder was trained with")
+            sizes.add(image_embed.shape[0])
+        if tokens is not None:
+            if not torch.is_tensor(tokens) or tokens.ndim != 2 or tokens.is_floating_point():
+                raise DataError("tokens must be an integer tensor [B, L] of caption token ids: use "
+                                "clip.tokenize(captions) or the 'tokens' of the CLIP embeddings cache")
+            if tokens.shape[1] > cfg.text_ctx:
+                raise DataError(f"tokens has {tokens.shape[1]} positions but the caption encoder has "
+                                f"{cfg.text_ctx}: trim the padding (tokens[:, :{cfg.text_ctx}])")
+            sizes.add(tokens.shape[0])
+        if len(sizes) > 1:
+            raise DataError(f"the inputs disagree on the batch size ({sorted(sizes)}): give one z_i and one "
+                            f"caption per image")
+        return sizes.pop() if sizes else 0
+
+    def condition(self, image_embed=None, tokens=None, batch: int | None = None) -> dict:
+        """The U-Net's conditioning: dict(emb [B, E], context [B, L(+4), W], context_mask [B, L(+4)])."""
+        b = self.check_condition(image_embed, tokens, batch)
+        device = self.text_to_emb.weight.device
+        if tokens is None:
+            tokens = torch.zeros(b, 1, dtype=torch.long, device=device)  # the empty caption
+        text_tokens, text_mask, pooled = self.text(tokens.to(device).long())
+        emb = self.text_to_emb(pooled)                                   # [B, E]
+        context, mask = text_tokens, text_mask
+        if self.cfg.use_image_embed:
+            z = torch.zeros(b, self.cfg.clip_dim, device=device) if image_embed is None \
+                else image_embed.to(device).float()
+            # z_i is unit-norm, so its entries are ~1/sqrt(D): scale them to unit size, as a Linear expects
+            z = z * math.sqrt(self.cfg.clip_dim)
+            emb = emb + self.image_to_emb(z)
+            z_tokens = self.image_to_tokens(z).reshape(b, self.cfg.n_image_tokens, -1)  # [B, 4, W]
+            context = torch.cat([context, z_tokens], dim=1)
+            mask = torch.cat([mask, mask.new_ones(b, self.cfg.n_image_tokens)], dim=1)
+        return {"emb": emb, "context": context, "context_mask": mask}
+
+    def forward(self, x, timesteps, image_embed=None, tokens=None):
+        """U-Net output [B, 3 (x2 if learned variance), H, W] for x_t [B, 3, H, W] at steps [B]."""
+        return self.unet(x, timesteps, **self.condition(image_embed, tokens, x.shape[0]))
+
+    # -- training ------------------------------------------------------------------------------
+    def training_losses(self, x_start, image_embed, tokens, generator=None) -> dict:
+        """Per-example losses [B] with guidance dropout: z_i zeroed w.p. p_drop_image, caption dropped w.p.
+        p_drop_text (independently); all randomness (steps, noise, dropout) from `generator`."""
+        cfg, b, dev = self.cfg, x_start.shape[0], x_start.device
+        gdev = generator.device if generator is not None else dev
+        t = self.diffusion.sample_timesteps(b, generator, dev)
+        noise = torch.randn(x_start.shape, generator=generator, device=gdev).to(dev)
+        drop_text = torch.rand(b, generator=generator, device=gdev).to(dev) < cfg.p_drop_text
+        tokens = tokens.masked_fill(drop_text[:, None], 0)                # dropped = the empty caption
+        kwargs = {"tokens": tokens}
+        if cfg.use_image_embed:
+            drop_image = torch.rand(b, generator=generator, device=gdev).to(dev) < cfg.p_drop_image
+            kwargs["image_embed"] = image_embed * (~drop_image)[:, None]  # dropped = z_i set to zero
+        return self.diffusion.training_losses(self, x_start, t, model_kwargs=kwargs, noise=noise)
+
+    # -- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, image_embed=None, tokens=None, guidance_scale=None, steps=None, generator=None,
+               noise=None, eta: float = 0.0, progress: bool = False) -> torch.Tensor:
+        """Generate images [B, 3, H, W] in [-1, 1] from z_i [B, D] and/or caption tokens [B, L].
+
+        guidance_scale: classifier-free guidance (None: the config's; 1: none); the unconditional branch
+        is the null z_i and the empty caption. steps: respaced sampling steps (None: the config's).
+        noise: x_T [B, 3, H, W] (fixes the sample); else drawn from `generator`. eta: DDIM's eta.
+        """
+        cfg = self.cfg
+        b = self.check_condition(image_embed, tokens, None if noise is None else noise.shape[0])
+        if b == 0:
+            raise DataError("sample() needs image_embed=, tokens= or noise= to know how many images to make")
+        scale = cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+        steps = cfg.sample_steps if steps is None else int(steps)
+        if not 1 <= steps <= cfg.diffusion.timesteps:
+            raise ConfigError(f"steps = {steps} must be in 1..{cfg.diffusion.timesteps} (the training chain)")
+        device = self.text_to_emb.weight.device
+        if tokens is None:
+            tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
+        tokens = tokens.to(device).long()
+        kwargs = {"tokens": tokens}
+        if cfg.use_image_embed:
+            kwargs["image_embed"] = (torch.zeros(b, cfg.clip_dim, device=device) if image_embed is None
+                                     else image_embed.to(device).float())
+        model = self
+        if scale != 1.0:  # one doubled batch: [conditional rows; null rows]
+            kwargs = {k: torch.cat([v, torch.zeros_like(v)]) for k, v in kwargs.items()}
+            model = classifier_free_guidance(self, scale, guided_channels=3 if cfg.unet.learn_sigma else None)
+        diffusion = create_diffusion(cfg.diffusion, respacing=str(steps)).to(device)
+        shape = (b, 3, cfg.image_size, cfg.image_size)
+        was_training = self.training
+        self.eval()
+        try:
+            if cfg.sampler == "ddim":
+                out = diffusion.ddim_sample_loop(model, shape, noise=noise, model_kwargs=kwargs, progress=progress,
+                                                 generator=generator, device=device, eta=eta)
+            else:
+                out = diffusion.p_sample_loop(model, shape, noise=noise, model_kwargs=kwargs, progress=progress,
+                                              generator=generator, device=device)
+        finally:
+            self.train(was_training)
+        return out.clamp(-1, 1)
+
+    def num_parameters(self, embeddings: bool = True) -> int:
+        """Parameter count (optionally without the token-embedding table, which costs a lookup only)."""
+        n = count_parameters(self)
+        return n if embeddings else n - self.text.token_embedding.weight.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# the stages: "decoder" (z_i + caption) and "glide" (caption only)
+# ---------------------------------------------------------------------------------------------
+
+def loss_fn(model, batch, generator):
+    """loss_fn for `train.Trainer`: the diffusion loss with guidance dropout, averaged over the batch."""
+    x, image_embed, tokens = batch
+    m = model.module if hasattr(model, "module") else model
+    terms = m.training_losses(x, image_embed, tokens, generator)
+    logs = {"mse": terms["mse"].mean().item()}
+    if "vb" in terms:
+        logs["vb"] = terms["vb"].mean().item()
+    return terms["loss"].mean(), logs
+
+
+def stage_config(run, name: str = "decoder", steps: int | None = None) -> dict:
+    """Everything that determines a trained decoder/baseline (recorded with it)."""
+    cfg = getattr(run.cfg.with_steps(name, steps), name)
+    return {name: cfg.to_dict(), "data": run.cfg.data.to_dict(), "seed": run.seed}
+
+
+def _train(run, name: str, steps: int | None) -> Decoder:
+    from .clip_model import load_embeddings
+    from .data import to_float
+    from .stages import read_record, write_record
+    from .train import Trainer
+
+    cfg = getattr(run.cfg.with_steps(name, steps), name)
+    clip = read_record(run, "clip")
+    if clip is None:
+        raise ArtifactError(f"stage {name!r} needs a trained CLIP in {run.folder.root}: call "
+                            f"stages.load_or_train(run, 'clip') first (notebook 02_clip)")
+    emb = load_embeddings(run, "train")
+    ds = run.dataset("train")
+    images = ds.images()                                                 # uint8 [N, 3, R, R]
+    if emb["image_embed"].shape[1] != cfg.clip_dim:
+        raise ConfigError(f"{name}.clip_dim = {cfg.clip_dim} but this run's CLIP embeds to "
+                          f"{emb['image_embed'].shape[1]} dims: set clip_dim to the CLIP's embed_dim")
+    if images.shape[-1] != cfg.image_size:
+        raise ConfigError(f"the {run.preset} images are {images.shape[-1]} px but {name}.unet.image_size = "
+                          f"{cfg.image_size}: make them equal (DataConfig.resolution)")
+    if len(images) != len(emb["image_embed"]):
+        raise ArtifactError(f"the train split has {len(images)} images but the CLIP cache {len(emb['image_embed'])}"
+                            f" rows: delete {run.folder.root / 'clip'} and retrain the clip stage")
+    image_embed, tokens, device = emb["image_embed"].float(), emb["tokens"].long(), run.device
+
+    def get_batch(idx):
+        return to_float(images[idx]).to(device), image_embed[idx].to(device), tokens[idx].to(device)
+
+    run.seed_everything()
+    model = Decoder(cfg)  # initialised after seeding: same seed -> same weights
+    config = stage_config(run, name, steps)
+    requires = {"clip": clip["id"]}
+    trainer = Trainer(model, loss_fn, get_batch, len(images), cfg.train, run.folder.checkpoint_path(name),
+                      stage=name, config=config, requires=requires, seed=run.seed, device=device)
+    history = trainer.fit()
+    seconds = history["seconds"][-1] if history["seconds"] else 0.0
+    record = write_record(run, name, config, requires=requires, history=history,
+                          parameters=model.num_parameters(), parameters_no_embedding=model.num_parameters(False),
+                          train_seconds=seconds)
+    out = trainer.ema.model.eval()
+    out.record = record
+    return out
+
+
+def _load(run, name: str) -> Decoder:
+    from .stages import check_requires, read_record
+    from .train import load_checkpoint
+    record = read_record(run, name)
+    if record is None:
+        raise ArtifactError(f"no trained {name!r} stage in {run.folder.root}: call "
+                            f"stages.load_or_train(run, {name!r}) (notebook 06_decoder)")
+    check_requires(run, name, record)
+    cfg = DecoderConfig.from_dict(record["config"][name])
+    ckpt = load_checkpoint(run.folder.checkpoint_path(name), stage=name, config=record["config"],
+                           fix=f"delete {run.folder.root / name} and retrain the {name} stage")
+    model = Decoder(cfg)
+    model.load_state_dict(ckpt["ema"])
+    model = model.to(run.device).eval().requires_grad_(False)
+    model.record = record
+    return model
+
+
+def train_stage(run, steps: int | None = None) -> Decoder:
+    """Train the decoder (z_i + caption -> image) on the train split; returns the EMA model."""
+    return _train(run, "decoder", steps)
+
+
+def load_stage(run) -> Decoder:
+    """The trained decoder of this run (EMA weights, eval mode)."""
+    return _load(run, "decoder")
+
+
+def train_glide(run, steps: int | None = None) -> Decoder:
+    """Train the GLIDE-style baseline (caption -> image) on the train split; returns the EMA model."""
+    return _train(run, "glide", steps)
+
+
+def load_glide(run) -> Decoder:
+    """The trained GLIDE-style baseline of this run (EMA weights, eval mode)."""
+    return _load(run, "glide")
+
+
+# ---------------------------------------------------------------------------------------------
+# speed: our decoder U-Net vs the peer implementation (lucidrains' dalle2-pytorch `Unet`)
+# ---------------------------------------------------------------------------------------------
+
+PEER_SCRIPT = Path(__file__).with_name("peer_bench.py")  # standalone: runs in the peer's own venv
+PEER_PYTHON = os.environ.get("UNCLIP_PEER_PYTHON", "/tmp/peer/bin/python")
+
+
+def _time(fn, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of `fn()` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def time_decoder(cfg: DecoderConfig, batch_size: int, repeats: int = 5, threads: int | None = None,
+                 device="cpu") -> dict:
+    """Seconds per training step (forward + backward + AdamW) and per sampling step (no_grad forward of a
+    guided, doubled batch) of a fresh decoder of config `cfg` on random inputs."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Decoder(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b, s = batch_size, cfg.image_size
+    x = torch.randn(b, 3, s, s, device=device)
+    z = nn.functional.normalize(torch.randn(b, cfg.clip_dim, device=device), dim=-1) \
+        if cfg.use_image_embed else None
+    tokens = torch.zeros(b, 12, dtype=torch.long, device=device)
+    tokens[:, :11] = torch.randint(1, 40000, (b, 11))
+    tokens[:, 11] = CLIP_VOCAB_SIZE - 1                                # an end-of-text id
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss = model.training_losses(x, z, tokens, g)["loss"].mean()
+        loss.backward()
+        opt.step()
+
+    guided = classifier_free_guidance(model, 3.0)
+    kw = {"tokens": torch.cat([tokens, torch.zeros_like(tokens)])}
+    if z is not None:
+        kw["image_embed"] = torch.cat([z, torch.zeros_like(z)])
+    t = torch.full((b,), 500, device=device)
+
+    def sample_step():
+        with torch.no_grad():
+            guided(x, t, **kw)
+
+    model.train()
+    train_s = _time(train_step, repeats)
+    model.eval()
+    sample_s = _time(sample_step, repeats)
+    return {"train_step_s": train_s, "sample_step_s": sample_s, "batch_size": b, "image_size": s,
+            "parameters": model.num_parameters(), "parameters_no_embedding": model.num_parameters(False),
+            "unet_parameters": count_parameters(model.unet), "threads": torch.get_num_threads()}
+
+
+def benchmark(run, peer: bool = False, batch_size: int | None = None, repeats: int = 5, rounds: int = 3,
+              threads: int = 1) -> dict:
+    """Time this run's decoder (training step, guided sampling step); with `peer`, also dalle2-pytorch's
+    `Unet` at the same parameter count (the token table excluded: a lookup costs nothing) and resolution,
+    run by PEER_SCRIPT in the peer's own venv (`$UNCLIP_PEER_PYTHON`, default /tmp/peer/bin/python).
+    Ours and the peer's alternate for `rounds` rounds and each keeps its fastest round: on a shared CPU
+    the minimum is the least disturbed measurement. Writes `<run>/bench/decoder.json`.
+
+    The peer is installed only for this: `python -m venv /tmp/peer && /tmp/peer/bin/pip install
+    torch==2.14.1 torchvision==0.29.1 dalle2-pytorch`. Timings on a shared CPU are rough.
+    """
+    from .artifacts import atomic_write_json
+    cfg = run.cfg.decoder
+    b = batch_size or cfg.train.batch_size
+    device = "cpu" if run.device.type == "cpu" else str(run.device)
+    if peer and not Path(PEER_PYTHON).exists():
+        raise ConfigError(f"the peer's python {PEER_PYTHON} does not exist: create its venv with `python -m "
+                          f"venv /tmp/peer && /tmp/peer/bin/pip install torch==2.14.1 torchvision==0.29.1 "
+                          f"dalle2-pytorch`, or set UNCLIP_PEER_PYTHON")
+    # the same decoder without the pixel unshuffle: how much of the speed is the unshuffle's
+    plain = cfg.replace(unet=cfg.unet.replace(pixel_unshuffle=1)) if cfg.unet.pixel_unshuffle > 1 else None
+    runs = {"ours": [], "ours_no_unshuffle": [], "peer": []}
+    old_threads = torch.get_num_threads()
+    dim = None
+    try:
+        for _ in range(rounds):
+            runs["ours"].append(time_decoder(cfg, b, repeats, threads, device))
+            if plain is not None:
+                runs["ours_no_unshuffle"].append(time_decoder(plain, b, repeats, threads, device))
+            if peer:
+                runs["peer"].append(_run_peer(runs["ours"][0]["parameters_no_embedding"], cfg, b, repeats, threads,
+                                              device, dim))
+                dim = runs["peer"][0]["dim"]
+    finally:
+        torch.set_num_threads(old_threads)
+
+    def best(rows):
+        if not rows:
+            return None
+        out = dict(rows[0])
+        for key in ("train_step_s", "sample_step_s"):
+            out[key] = min(r[key] for r in rows)
+            out[key + "_all_rounds"] = [r[key] for r in rows]
+        return out
+
+    ours, ours_plain, theirs = best(runs["ours"]), best(runs["ours_no_unshuffle"]), best(runs["peer"])
+    result = {"preset": run.preset, "device": device, "rounds": rounds, "ours": ours, "ours_no_unshuffle": ours_plain,
+              "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    if theirs is not None:
+        result["peer"] = theirs
+        result["ratio_train"] = theirs["train_step_s"] / ours["train_step_s"]   # > 1: ours is faster
+        result["ratio_sample"] = theirs["sample_step_s"] / ours["sample_step_s"]
+        if ours_plain:
+            result["ratio_train_no_unshuffle"] = theirs["train_step_s"] / ours_plain["train_step_s"]
+            result["ratio_sample_no_unshuffle"] = theirs["sample_step_s"] / ours_plain["sample_step_s"]
+    atomic_write_json(result, run.folder.path("bench", "decoder.json"))
+    return result
+
+
+def _run_peer(params, cfg, batch_size, repeats, threads, device, dim=None) -> dict:
+    """One run of PEER_SCRIPT in the peer's venv; its JSON line as a dict."""
+    cmd = [PEER_PYTHON, str(PEER_SCRIPT), "--params", str(params), "--image-size", str(cfg.image_size),
+           "--batch-size", str(batch_size), "--repeats", str(repeats), "--threads", str(threads),
+           "--image-embed-dim", str(cfg.clip_dim), "--text-embed-dim", str(cfg.text_width), "--device", device]
+    if dim is not None:
+        cmd += ["--dim", str(dim)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the peer benchmark failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
