@@ -2,6 +2,7 @@
 
     python -m unclip_mini course [--preset toy] [--out runs/toy] [--only 01 02] [--publish]
     python -m unclip_mini train STAGE [--preset toy] [--run-dir DIR] [--device auto] [--steps N]
+    python -m unclip_mini bench [data prior ar_prior decoder upsampler] [--preset toy] [--peer]
     python -m unclip_mini stages
 """
 from __future__ import annotations
@@ -35,6 +36,14 @@ def main(argv=None) -> int:
     t.add_argument("--steps", type=int, default=None, help="override the stage's training steps")
     t.add_argument("--seed", type=int, default=None)
 
+    b = sub.add_parser("bench", help="speed benchmarks; JSON under <run>/bench/")
+    b.add_argument("what", nargs="*", help="data prior ar_prior decoder upsampler (default: all)")
+    b.add_argument("--preset", default="toy")
+    b.add_argument("--run-dir", default=None)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--peer", action="store_true",
+                   help="decoder: also time dalle2-pytorch's Unet in its own venv ($UNCLIP_PEER_PYTHON)")
+
     sub.add_parser("stages", help="list the stages and what they need")
 
     args = p.parse_args(argv)
@@ -50,6 +59,11 @@ def main(argv=None) -> int:
             run = Run(args.preset, run_dir=args.run_dir, device=device, seed=args.seed)
             print(run)
             load_or_train(run, args.stage, steps=args.steps)
+            return 0
+        if args.command == "bench":
+            from .bench import main as bench
+            from .stages import Run
+            bench(Run(args.preset, run_dir=args.run_dir, device=args.device), args.what, peer=args.peer)
             return 0
         if args.command == "stages":
             from .stages import STAGES
