@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -84,7 +85,10 @@ def safe_torch_load(path, what="file", fix="delete it and rebuild it"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip errors, EOF, unpickling errors: all mean "not a usable file"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        reason = reason.splitlines()[0] if reason else type(e).__name__
+        if "weights_only" in reason or "weights only" in reason.lower():  # torch's advice (weights_only=False) is unsafe
+            reason = "torch.load(weights_only=True) cannot read it: damaged bytes, or pickled Python objects a safe load refuses"
         raise CheckpointError(f"{path} is corrupt, truncated or not a {what} ({type(e).__name__}: "
                               f"{reason[:200]}): {fix}") from e
 

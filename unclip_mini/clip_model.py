@@ -404,6 +404,9 @@ def load_stage(run) -> ClipEncoder:
     """The trained (or named) CLIP of this run, loaded through open_clip."""
     from .stages import read_record
     record = read_record(run, "clip")
+    if record is None:
+        raise ArtifactError(f"no trained CLIP in {run.folder.root}: call stages.load_or_train(run, 'clip') "
+                            f"(notebook 02_clip) or `python -m unclip_mini train clip --preset {run.preset}`")
     cfg = ClipConfig.from_dict(record["config"]["clip"])
     if cfg.trainable:
         encoder = ClipEncoder(*load_local_dir(run.folder.root / "clip" / "open_clip", run.device), cfg,

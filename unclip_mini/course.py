@@ -112,8 +112,13 @@ def _failing_cell(target: Path, err) -> str:
 
 def _write_summary(out: Path, preset: str, timings: dict, failed=None) -> Path:
     """`<out>/summary.md`: every figure the notebooks measured, and the course's wall times."""
-    atomic_write_json({"preset": preset, "seconds": timings, "failed": failed}, out / "metrics" / "course.json")
-    lines = [f"# unclip_mini course summary (preset `{preset}`)", ""]
+    from .bench import machine
+    where = machine()
+    atomic_write_json({"preset": preset, "seconds": timings, "failed": failed, "machine": where},
+                      out / "metrics" / "course.json")
+    lines = [f"# unclip_mini course summary (preset `{preset}`)", "",
+             f"Measured on {where['cpu_count']} CPU cores ({where['threads']} torch threads), "
+             f"GPU: {where['cuda'] or 'none'}, torch {where['torch']}.", ""]
     if failed:
         lines += [f"**FAILED** in `{failed[0]}`, cell {failed[1]}: {failed[2]}", ""]
     lines += ["| notebook | wall time (s) |", "|---|---|"]

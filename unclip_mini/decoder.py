@@ -290,8 +290,8 @@ class Decoder(nn.Module):
         if scale < 0:
             raise ConfigError(f"guidance_scale = {scale} must be >= 0 (1 = no guidance, 0 = unconditional)")
         steps = cfg.sample_steps if steps is None else int(steps)
-        if not 1 <= steps <= cfg.diffusion.timesteps:
-            raise ConfigError(f"steps = {steps} must be in 1..{cfg.diffusion.timesteps} (the training chain)")
+        if not 2 <= steps <= cfg.diffusion.timesteps:  # a respaced chain needs 2 steps (gaussian_diffusion.respace)
+            raise ConfigError(f"steps = {steps} must be in 2..{cfg.diffusion.timesteps} (the training chain)")
         device = self.text_to_emb.weight.device
         if tokens is None:
             tokens = torch.zeros(b, 1, dtype=torch.long, device=device)

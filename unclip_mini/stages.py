@@ -99,6 +99,13 @@ class Config(PresetConfig):
 
     @classmethod
     def from_dict(cls, d):
+        if not isinstance(d, dict):
+            raise ConfigError(f"Config.from_dict needs a dict, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError(f"Config has no field {unknown[0]!r} (a config from another version of the code?); "
+                              f"valid fields: {', '.join(names)}")
         parts = {}
         for k, v in d.items():
             if k in COMPONENTS and isinstance(v, dict):

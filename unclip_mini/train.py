@@ -227,6 +227,9 @@ def load_checkpoint(path, *, stage: str | None = None, config: dict | None = Non
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an unclip_mini training checkpoint (no "
                               f"{CHECKPOINT_FORMAT!r} marker): pass a checkpoint this library wrote")
+    if not isinstance(ckpt.get("meta"), dict):
+        raise CheckpointError(f"{path} has no provenance record ('meta'): it was not written by this library's "
+                              f"Trainer; {fix}")
     have = ckpt["meta"].get("kind")
     if stage is not None and have != stage:
         raise CheckpointError(f"{path} holds a {have!r} checkpoint, not a {stage!r} one: "
