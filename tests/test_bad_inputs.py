@@ -515,7 +515,7 @@ GENERIC = ["invalid input", "ValueError: bad value", "error: something went wron
            "RuntimeError: failed", "cannot load file: corrupt", "the stage failed; retrain it", ""]
 
 
-def test_the_table_covers_the_issue_and_its_expectations_are_specific():
+def test_the_table_covers_every_category_and_its_expectations_are_specific():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 20
     for c in CASES:

@@ -1,4 +1,4 @@
-"""Determinism (issue 7): the same seed and preset give the same images twice in a row on CPU.
+"""Determinism: the same seed and preset give the same images twice in a row on CPU.
 
 Two fresh run folders train the `smoke` CLIP, diffusion prior and decoder through `stages.load_or_train`,
 then turn a few held-out captions into images (caption -> z_i by the prior -> image by the decoder, with a
