@@ -102,3 +102,19 @@ def test_metrics_are_written_atomically_with_context(tmp_path):
 def test_notebook_parameters_of_the_wrong_type(name, value, hint):
     with pytest.raises(ConfigError, match=f"notebook parameter {name}=.* has type .*{hint}"):
         notebook.setup(**{name: value})
+
+
+def test_a_stage_trained_with_another_config_is_refused(tmp_path):
+    """A run folder's stage is loaded only by a run with the same config and seed (training steps aside)."""
+    run = stages.Run("smoke", run_dir=tmp_path, device="cpu")
+    stages.load_or_train(run, "checker", verbose=False)
+    longer = stages.Run("smoke", run_dir=tmp_path, device="cpu")
+    longer.cfg = longer.cfg.with_steps("checker", 99)
+    stages.load_or_train(longer, "checker", verbose=False)  # steps may differ: a run can be extended
+    other = stages.Run("smoke", run_dir=tmp_path, device="cpu")
+    other.cfg = other.cfg.replace(checker=other.cfg.checker.replace(hidden=other.cfg.checker.hidden + 1))
+    with pytest.raises(ArtifactError, match=r"checker\.hidden: .* -> .*another run folder"):
+        stages.load_or_train(other, "checker", verbose=False)
+    reseeded = stages.Run("smoke", run_dir=tmp_path, device="cpu", seed=1)
+    with pytest.raises(ArtifactError, match=r"seed: 0 -> 1.*delete"):
+        stages.load_or_train(reseeded, "checker", verbose=False)

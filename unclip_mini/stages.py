@@ -209,6 +209,31 @@ def check_requires(run: Run, name: str, record: dict):
                                 f"{name} on the current {dep}")
 
 
+def _drift(old, now, prefix: str) -> list[str]:
+    """Fields recorded in `old` whose value differs in `now` (fields only in `now` are new options)."""
+    if isinstance(old, dict) and isinstance(now, dict):
+        return [d for k, v in old.items() for d in _drift(v, now.get(k, "<missing>"), f"{prefix}.{k}")]
+    return [] if old == now else [f"{prefix}: {old!r} -> {now!r}"]
+
+
+def check_config(run: Run, name: str, record: dict):
+    """Refuse a stage trained with another config than the run's (training steps aside: a run may be
+    extended or cut short): the recorded component configs and seed must match `run.cfg` and `run.seed`."""
+    from .train import _no_steps
+    now = json.loads(json.dumps(run.cfg.to_dict()))
+    diffs = []
+    for key, old in record.get("config", {}).items():
+        if key == "seed" and old != run.seed:
+            diffs.append(f"seed: {old!r} -> {run.seed!r}")
+        elif key in now and key != "preset" and isinstance(old, dict):
+            diffs += _drift(_no_steps(old), _no_steps(now[key]), key)
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise ArtifactError(f"stage {name!r} in {run.folder.root} was trained with another config than this "
+                            f"run's ({shown}): use another run folder (run_dir=...) for the new config, or "
+                            f"delete {run.folder.root / name} to retrain {name} with it")
+
+
 # ---------------------------------------------------------------------------------------------
 # the registry
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +284,7 @@ def load_or_train(run: Run, name: str, steps: int | None = None, verbose: bool =
     record = read_record(run, name)
     if record is not None:
         check_requires(run, name, record)
+        check_config(run, name, record)
         if verbose:
             print(f"[{name}] loaded from {run.folder.root / name} (id {record['id']})")
         return getattr(_module(stage), stage.load_fn)(run)
