@@ -45,7 +45,7 @@ def run_benchmark(run, name: str, peer: bool = False) -> dict:
         result = benchmark(run)
     elif name == "decoder":
         from .decoder import benchmark
-        result = benchmark(run, peer=peer)  # also writes bench/decoder.json; rewritten below with the machine
+        result = benchmark(run, peer=peer)
     else:
         from .upsampler import benchmark
         result = benchmark(run)

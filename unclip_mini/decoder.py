@@ -499,12 +499,12 @@ def benchmark(run, peer: bool = False, batch_size: int | None = None, repeats: i
     `Unet` at the same parameter count (the token table excluded: a lookup costs nothing) and resolution,
     run by PEER_SCRIPT in the peer's own venv (`$UNCLIP_PEER_PYTHON`, default /tmp/peer/bin/python).
     Ours and the peer's alternate for `rounds` rounds and each keeps its fastest round: on a shared CPU
-    the minimum is the least disturbed measurement. Writes `<run>/bench/decoder.json`.
+    the minimum is the least disturbed measurement. `python -m unclip_mini bench decoder` writes the result,
+    with the machine it ran on, to `<run>/bench/decoder.json`.
 
     The peer is installed only for this: `python -m venv /tmp/peer && /tmp/peer/bin/pip install
     torch==2.14.1 torchvision==0.29.1 dalle2-pytorch`. Timings on a shared CPU are rough.
     """
-    from .artifacts import atomic_write_json
     cfg = run.cfg.decoder
     b = batch_size or cfg.train.batch_size
     device = "cpu" if run.device.type == "cpu" else str(run.device)
@@ -539,8 +539,7 @@ def benchmark(run, peer: bool = False, batch_size: int | None = None, repeats: i
         return out
 
     ours, ours_plain, theirs = best(runs["ours"]), best(runs["ours_no_unshuffle"]), best(runs["peer"])
-    result = {"preset": run.preset, "device": device, "rounds": rounds, "ours": ours, "ours_no_unshuffle": ours_plain,
-              "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    result = {"preset": run.preset, "device": device, "rounds": rounds, "ours": ours, "ours_no_unshuffle": ours_plain}
     if theirs is not None:
         result["peer"] = theirs
         result["ratio_train"] = theirs["train_step_s"] / ours["train_step_s"]   # > 1: ours is faster
@@ -548,7 +547,6 @@ def benchmark(run, peer: bool = False, batch_size: int | None = None, repeats: i
         if ours_plain:
             result["ratio_train_no_unshuffle"] = theirs["train_step_s"] / ours_plain["train_step_s"]
             result["ratio_sample_no_unshuffle"] = theirs["sample_step_s"] / ours_plain["sample_step_s"]
-    atomic_write_json(result, run.folder.path("bench", "decoder.json"))
     return result
 
 
