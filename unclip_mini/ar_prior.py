@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PresetConfig, check, check_choice, check_positive, check_range
-from .errors import ArtifactError, ConfigError, DataError
+from .errors import ConfigError, DataError
 from .progress import tqdm
 from .train import TrainConfig
 from .transformer import Transformer
@@ -543,12 +543,9 @@ def train_stage(run, steps: int | None = None) -> ARPriorSampler:
 
 def load_stage(run) -> ARPriorSampler:
     """The trained AR prior of this run (EMA weights) with its PCA quantizer."""
-    from .stages import check_requires, read_record
+    from .stages import check_requires, trained_record
     from .train import load_checkpoint
-    record = read_record(run, "ar_prior")
-    if record is None:
-        raise ArtifactError(f"no trained AR prior in {run.folder.root}: run notebook 05_ar_prior or "
-                            f"`python -m unclip_mini train ar_prior --preset {run.preset}`")
+    record = trained_record(run, "ar_prior", "AR prior")
     check_requires(run, "ar_prior", record)
     cfg = ARPriorConfig.from_dict(record["config"]["ar_prior"])
     payload, _ = run.folder.load("ar_prior", "pca", config=cfg.pca_config(), requires=record["requires"],

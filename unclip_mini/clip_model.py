@@ -402,11 +402,8 @@ def train_stage(run, steps: int | None = None) -> ClipEncoder:
 
 def load_stage(run) -> ClipEncoder:
     """The trained (or named) CLIP of this run, loaded through open_clip."""
-    from .stages import read_record
-    record = read_record(run, "clip")
-    if record is None:
-        raise ArtifactError(f"no trained CLIP in {run.folder.root}: call stages.load_or_train(run, 'clip') "
-                            f"(notebook 02_clip) or `python -m unclip_mini train clip --preset {run.preset}`")
+    from .stages import trained_record
+    record = trained_record(run, "clip", "CLIP")
     cfg = ClipConfig.from_dict(record["config"]["clip"])
     if cfg.trainable:
         encoder = ClipEncoder(*load_local_dir(run.folder.root / "clip" / "open_clip", run.device), cfg,
@@ -434,11 +431,8 @@ def embed_dataset(encoder: ClipEncoder, dataset, batch_size: int = 1024) -> dict
 
 def load_embeddings(run, split: str = "train") -> dict:
     """The cached embeddings of `split`, refused if they were made by another CLIP than the current."""
-    from .stages import read_record
-    record = read_record(run, "clip")
-    if record is None:
-        raise ArtifactError(f"no trained CLIP in {run.folder.root}: run notebook 02_clip or "
-                            f"`python -m unclip_mini train clip --preset {run.preset}`")
+    from .stages import trained_record
+    record = trained_record(run, "clip", "CLIP")
     payload, _ = run.folder.load("clip", "embeddings", requires={"clip": record["id"]},
                                  rebuild=f"delete {run.folder.root / 'clip'} and retrain the clip stage")
     if split not in payload:

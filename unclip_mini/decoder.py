@@ -393,12 +393,9 @@ def _train(run, name: str, steps: int | None) -> Decoder:
 
 
 def _load(run, name: str) -> Decoder:
-    from .stages import check_requires, read_record
+    from .stages import check_requires, trained_record
     from .train import load_checkpoint
-    record = read_record(run, name)
-    if record is None:
-        raise ArtifactError(f"no trained {name!r} stage in {run.folder.root}: call "
-                            f"stages.load_or_train(run, {name!r}) (notebook 06_decoder)")
+    record = trained_record(run, name)
     check_requires(run, name, record)
     cfg = DecoderConfig.from_dict(record["config"][name])
     ckpt = load_checkpoint(run.folder.checkpoint_path(name), stage=name, config=record["config"],

@@ -43,7 +43,7 @@ from torch import nn
 
 from . import gaussian_diffusion as gd
 from .config import PresetConfig, check, check_positive, check_range
-from .errors import ArtifactError, ConfigError, DataError
+from .errors import ConfigError, DataError
 from .train import TrainConfig
 from .transformer import KVCache, Transformer
 from .unet import timestep_embedding
@@ -543,12 +543,9 @@ def train_stage(run, steps: int | None = None) -> DiffusionPrior:
 
 def load_stage(run) -> DiffusionPrior:
     """The trained prior of this run (EMA weights), refused if its CLIP has changed since."""
-    from .stages import check_requires, read_record
+    from .stages import check_requires, trained_record
     from .train import load_checkpoint
-    record = read_record(run, STAGE)
-    if record is None:
-        raise ArtifactError(f"no trained diffusion prior in {run.folder.root}: run notebook 04_diffusion_prior "
-                            f"or `python -m unclip_mini train diffusion_prior --preset {run.preset}`")
+    record = trained_record(run, STAGE, "diffusion prior")
     check_requires(run, STAGE, record)
     c = record["config"]
     sampling = {k: getattr(run.cfg.diffusion_prior, k) for k in SAMPLING_FIELDS}  # today's sampling settings

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PresetConfig, check_positive, check_range
-from .errors import ArtifactError, DataError
+from .errors import DataError
 from .train import TrainConfig
 
 N_CELLS = 4  # the toy world's 2x2 grid: cell index = 2 * row + col (data.CELLS)
@@ -232,12 +232,9 @@ def train_checker(run, steps: int | None = None) -> Checker:
 def load_checker(run) -> Checker:
     """The trained attribute checker of this run (EMA weights, eval mode)."""
     from .data import DataConfig
-    from .stages import read_record
+    from .stages import trained_record
     from .train import load_checkpoint
-    record = read_record(run, "checker")
-    if record is None:
-        raise ArtifactError(f"no trained checker in {run.folder.root}: call stages.load_or_train(run, "
-                            f"'checker') (notebook 06_decoder)")
+    record = trained_record(run, "checker", "checker")
     cfg = CheckerConfig.from_dict(record["config"]["checker"])
     data = DataConfig.from_dict(record["config"]["data"])
     ckpt = load_checkpoint(run.folder.checkpoint_path("checker"), stage="checker", config=record["config"],

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -196,6 +195,23 @@ def read_record(run: Run, name: str) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path} is unreadable ({e}): delete it to retrain stage {name!r}") from e
+
+
+def trained_record(run: Run, name: str, label: str | None = None) -> dict:
+    """The record of stage `name` (trained), or an ArtifactError that says how to train it.
+
+    `label` names the stage in the message ("CLIP"); default: the stage name quoted.
+    """
+    record = read_record(run, name)
+    if record is None:
+        what = label or f"{name!r} stage"
+        how = (f"train it again with the code that made it ({name!r} is not a registered stage; "
+               f"`python -m unclip_mini stages` lists those)")
+        if name in STAGES:
+            how = (f"call stages.load_or_train(run, {name!r}) (notebook {STAGES[name].notebook}) or "
+                   f"`python -m unclip_mini train {name} --preset {run.preset}`")
+        raise ArtifactError(f"no trained {what} in {run.folder.root}: {how}")
+    return record
 
 
 def check_requires(run: Run, name: str, record: dict):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PresetConfig, check, check_choice, check_range
-from .errors import ArtifactError, ConfigError, DataError
+from .errors import ConfigError, DataError
 from .gaussian_diffusion import DiffusionConfig, create_diffusion, respace
 from .train import TrainConfig
 from .unet import UNetConfig, UNetModel
@@ -594,12 +594,9 @@ def train(run, name: str, cfg: UpsamplerConfig | None = None, steps: int | None 
 
 def load(run, name: str) -> Upsampler:
     """The trained upsampler `name` of the run folder (EMA weights), with the config it was trained with."""
-    from .stages import read_record
+    from .stages import trained_record
     from .train import load_checkpoint
-    record = read_record(run, name)
-    if record is None:
-        raise ArtifactError(f"no trained {name!r} in {run.folder.root}: run notebook 07_upsamplers or "
-                            f"`python -m unclip_mini train {name} --preset {run.preset}`")
+    record = trained_record(run, name)
     fields = {f.name for f in dataclasses.fields(UpsamplerConfig)}
     cfg = UpsamplerConfig.from_dict({k: v for k, v in record["config"].items() if k in fields})
     ckpt = load_checkpoint(run.folder.checkpoint_path(name), stage=name, config=record["config"],
