@@ -30,6 +30,14 @@ def test_course_runs_in_order_and_summarises(tmp_path):
     rec = json.loads((out / "metrics" / "01_first.json").read_text())
     assert rec["preset"] == "smoke" and rec["metrics"] == {"answer": 42.0}
 
+    # a partial re-run (--only 02) keeps 01's time from the first run, marked, and totals both
+    first = json.loads((out / "metrics" / "course.json").read_text())["seconds"]
+    assert course.run_course("smoke", out, only=["02"], notebook_dir=nbdir) == 0
+    again = json.loads((out / "metrics" / "course.json").read_text())
+    assert again["kept_from_previous_run"] == ["01_first"] and again["seconds"]["01_first"] == first["01_first"]
+    assert again["seconds"]["total"] == round(again["seconds"]["01_first"] + again["seconds"]["02_second"], 1)
+    assert f"| 01_first | {first['01_first']} (previous run) |" in (out / "summary.md").read_text()
+
 
 def test_course_stops_at_first_failure_and_names_it(tmp_path, capsys):
     nbdir = tmp_path / "nbs"

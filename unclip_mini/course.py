@@ -90,9 +90,9 @@ def run_course(preset: str = "toy", out=None, only=None, publish: bool = False, 
             nb = nbformat.read(target, as_version=4)
             clean_notebook(nb)
             nbformat.write(nb, path)
-    timings["total"] = round(time.perf_counter() - t_all, 1)
+    elapsed = round(time.perf_counter() - t_all, 1)
     summary = _write_summary(out, preset, timings)
-    print(f"\ncourse finished in {timings['total'] / 60:.1f} min; summary: {summary}")
+    print(f"\ncourse finished in {elapsed / 60:.1f} min; summary: {summary}")
     return 0
 
 
@@ -114,15 +114,31 @@ def _write_summary(out: Path, preset: str, timings: dict, failed=None) -> Path:
     """`<out>/summary.md`: every figure the notebooks measured, and the course's wall times."""
     from .bench import machine
     where = machine()
-    atomic_write_json({"preset": preset, "seconds": timings, "failed": failed, "machine": where},
-                      out / "metrics" / "course.json")
+    # a partial run (--only) keeps the other notebooks' times from the previous record of this folder
+    path, kept = out / "metrics" / "course.json", []
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:  # a hand-edited record: start afresh rather than fail the course
+            old = {}
+        if old.get("preset") == preset:
+            kept = [k for k in old.get("seconds", {}) if k not in timings and k != "total"]
+            timings = {**{k: old["seconds"][k] for k in kept}, **timings}
+    timings = dict(sorted(timings.items()))
+    if not failed:
+        timings["total"] = round(sum(timings.values()), 1)
+    atomic_write_json({"preset": preset, "seconds": timings, "kept_from_previous_run": kept, "failed": failed,
+                       "machine": where}, path)
     lines = [f"# unclip_mini course summary (preset `{preset}`)", "",
              f"Measured on {where['cpu_count']} CPU cores ({where['threads']} torch threads), "
              f"GPU: {where['cuda'] or 'none'}, torch {where['torch']}.", ""]
     if failed:
         lines += [f"**FAILED** in `{failed[0]}`, cell {failed[1]}: {failed[2]}", ""]
     lines += ["| notebook | wall time (s) |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in timings.items()]
+    lines += [f"| {k} | {v}{' (previous run)' if k in kept else ''} |" for k, v in timings.items()]
+    if kept:
+        lines += ["", "The notebooks marked (previous run) were not re-executed this time; their times, and the "
+                      "total that includes them, come from the folder's previous record."]
     for f in sorted((out / "metrics").glob("[0-9][0-9]_*.json")):
         rec = json.loads(f.read_text())
         notes = rec.get("notes", {})
