@@ -65,6 +65,7 @@ error (KeyError, TypeError, a torch RuntimeError, a pickle error) leaking instea
     negative guidance scale (prior)         ConfigError      guidance_scale = -1.0 -> must be >= 0
     negative guidance scale (decoder)       ConfigError      guidance_scale = -2.0 -> must be >= 0
     sampling steps > trained (decoder)      ConfigError      steps = 1000 -> must be in 2..100 (the training chain)
+    decoder config: 1 sampling step         ConfigError      sample_steps = 1 -> valid: 2 <= value <= 100
     sampling steps > trained (prior)        ConfigError      steps = 5000 -> must be an int in 2..100
     z_i of another CLIP (wrong dims)        DataError        (2, 8) must be [B, 16] -> use the decoder's CLIP
     FID of features of different dims       DataError        feature dims differ (4 vs 5) -> embed both with one CLIP
@@ -463,6 +464,8 @@ CASES = [
     Case("decoder_more_sampling_steps_than_trained",
          lambda c: smoke_decoder().sample(*decoder_inputs()[2:], steps=1000),
          ConfigError, ["steps = 1000"], ["must be in 2..100 (the training chain)"]),
+    Case("decoder_config_one_sampling_step", lambda c: D.DecoderConfig.smoke().replace(sample_steps=1),
+         ConfigError, ["DecoderConfig.sample_steps = 1 is out of range"], ["valid: 2 <= value <= 100"]),
     Case("prior_more_sampling_steps_than_trained", lambda c: smoke_prior().sample(*prior_inputs(), steps=5000),
          ConfigError, ["steps = 5000"], ["must be an int in 2..100"]),
     Case("image_embedding_of_another_clip",
