@@ -7,6 +7,8 @@ from unclip_mini import stages
 from unclip_mini.errors import ConfigError, DataError
 from unclip_mini.unet import count_parameters
 
+from _perturb import perturb_
+
 # smoke models are tiny: extra threads only wait on each other (and on a shared machine, a lot)
 torch.set_num_threads(1)
 
@@ -16,10 +18,7 @@ def make(cfg=None, seed=0, perturb=True):
     torch.manual_seed(seed)
     model = D.Decoder(cfg or D.DecoderConfig.smoke())
     if perturb:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        perturb_(model, seed + 1)
     return model.eval()
 
 

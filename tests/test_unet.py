@@ -7,16 +7,15 @@ import torch
 from unclip_mini.errors import ConfigError, DataError
 from unclip_mini.unet import UNetConfig, UNetModel, count_parameters, timestep_embedding
 
+from _perturb import perturb_
+
 
 def make(cfg, seed=0, perturb=True):
     """A model; `perturb` adds noise to every parameter so zero-initialised branches are live."""
     torch.manual_seed(seed)
     model = UNetModel(cfg)
     if perturb:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        perturb_(model, seed + 1)
     return model.eval()
 
 

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from unclip_mini import upsampler as up
 from unclip_mini.data import DataConfig, ToyWorld, to_float
 from unclip_mini.errors import ArtifactError, ConfigError, DataError
-from unclip_mini.unet import AttentionBlock, UNetConfig, UNetModel
+from unclip_mini.unet import AttentionBlock, UNetModel
+
+from _perturb import perturb_
 
 RANDOM_OPS = {"random_blur": up.random_blur, "random_resize": up.random_resize,
               "gaussian_noise": up.gaussian_noise, "camera_noise": up.camera_noise, "jpeg": up.jpeg,
@@ -85,11 +87,7 @@ def test_blur_kernel_sums_to_one_and_matches_sigma():
 
 def perturbed(cfg, seed=0):
     torch.manual_seed(seed)
-    model = UNetModel(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen(seed + 1)))
-    return model.eval()
+    return perturb_(UNetModel(cfg), seed + 1).eval()
 
 
 def test_conv_only_model_runs_on_crops_and_on_the_whole_image():
