@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from unclip_mini import ar_prior
-from unclip_mini.ar_prior import ARPrior, ARPriorConfig, PCAQuantizer
+from unclip_mini import gaussian_diffusion as gd
+from unclip_mini.ar_prior import ARPriorConfig, ARPriorNetwork, PCAQuantizer
 from unclip_mini.errors import ConfigError, DataError
 
 D, N, TEXT_W, TEXT_LEN = 16, 400, 24, 10
@@ -35,7 +36,7 @@ def captions(b=3, l=6, seed=1):
 def model_for(q, seed=0, **kw):
     cfg = ARPriorConfig.smoke().replace(n_buckets=q.n_buckets, dot_buckets=q.dot_buckets, **kw)
     torch.manual_seed(seed)
-    return ARPrior(cfg, D, TEXT_W, TEXT_LEN, q.n_components).eval()
+    return ARPriorNetwork(cfg, D, TEXT_W, TEXT_LEN, q.n_components).eval()
 
 
 # -- PCA ---------------------------------------------------------------------------------------
@@ -137,9 +138,9 @@ def test_dot_percentile_out_of_range_is_refused():
 def test_guidance_scale_one_is_the_conditional_logits():
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
-    assert torch.equal(ar_prior.guide_logits(cond, uncond, 1.0), cond)
-    torch.testing.assert_close(ar_prior.guide_logits(cond, uncond, 0.0), uncond)
-    torch.testing.assert_close(ar_prior.guide_logits(cond, uncond, 3.0), uncond + 3 * (cond - uncond))
+    assert torch.equal(gd.guide(cond, uncond, 1.0), cond)
+    torch.testing.assert_close(gd.guide(cond, uncond, 0.0), uncond)
+    torch.testing.assert_close(gd.guide(cond, uncond, 3.0), uncond + 3 * (cond - uncond))
 
 
 def test_guided_sampling_differs_from_conditional_and_scale_one_equals_it():
@@ -258,7 +259,7 @@ def test_too_long_caption_is_refused():
 def fake_clip(run, n=(300, 40, 40), length=8):
     """A CLIP stage record and embeddings cache without training a CLIP (the AR stage reads only these)."""
     from unclip_mini import stages
-    record = stages.write_record(run, "clip", {"fake_for_tests": True})
+    record = stages.write_record(run, "clip", {"fake_for_tests": True})  # no checkpoint: never loaded
     splits = {}
     for i, (split, size) in enumerate(zip(("train", "val", "heldout"), n)):
         z_i, z_t = embeddings(size, seed=i)
@@ -271,15 +272,15 @@ def fake_clip(run, n=(300, 40, 40), length=8):
 
 
 def test_smoke_train_stage_then_load_stage(tmp_path):
-    from unclip_mini import clip_model, stages
+    from unclip_mini import stages
     run = stages.Run("smoke", run_dir=tmp_path, device="cpu")
     clip = fake_clip(run)
-    trained = ar_prior.train_stage(run)
+    trained = stages.train_stage(run, "ar_prior")
     record = stages.read_record(run, "ar_prior")
     assert record["requires"] == {"clip": clip["id"]}
     assert run.folder.exists("ar_prior", "pca")
     loaded = stages.load_or_train(run, "ar_prior", verbose=False)
-    h = clip_model.load_embeddings(run, "heldout")
+    h = run.embeddings("heldout")
     args = (h["text_embed"][:8], h["text_tokens"][:8], h["text_mask"][:8])
     a = trained.sample(*args, generator=torch.Generator().manual_seed(0))
     b = loaded.sample(*args, generator=torch.Generator().manual_seed(0))
@@ -289,4 +290,4 @@ def test_smoke_train_stage_then_load_stage(tmp_path):
     assert len(record["history"]["loss"]) > 0
     stages.write_record(run, "clip", {"fake_for_tests": "retrained"})   # a new CLIP: the prior is refused
     with pytest.raises(Exception, match="retrain"):
-        ar_prior.load_stage(run)
+        stages.load_stage(run, "ar_prior")

@@ -36,8 +36,8 @@ error (KeyError, TypeError, a torch RuntimeError, a pickle error) leaking instea
     stages and run folders
     unknown stage                           ConfigError      unknown stage 'vae' -> valid stages: clip, ...
     loading a stage never trained           ArtifactError    no trained 'decoder' -> stages.load_or_train(run, ...)
-    loading a CLIP never trained            ArtifactError    no trained CLIP -> load_or_train / python -m unclip_mini
-    training before its prerequisite        ArtifactError    needs a trained CLIP -> load_or_train(run, 'clip') first
+    loading a CLIP never trained            ArtifactError    no trained 'clip' -> load_or_train / python -m unclip_mini
+    training before its prerequisite        ArtifactError    needs a trained 'clip' -> load_or_train(run, 'clip') first
     prerequisite deleted after training     ArtifactError    clip is now missing -> delete <run>/decoder to retrain
     stage trained on another CLIP           ArtifactError    clip is now clip-0000000000 -> delete <run>/decoder ...
     embeddings cache of another CLIP        ArtifactError    made from clip <id> -> delete <run>/clip, retrain it
@@ -51,8 +51,8 @@ error (KeyError, TypeError, a torch RuntimeError, a pickle error) leaking instea
     torch file that is not a checkpoint     CheckpointError  not an unclip_mini checkpoint -> pass one it wrote
     checkpoint without its provenance       CheckpointError  no provenance record ('meta') -> retrain the stage
     checkpoint holding pickled objects      CheckpointError  not a checkpoint (UnpicklingError) -> retrain the stage
-    resume a checkpoint of another config   CheckpointError  decoder.train.lr: 0.001 -> 0.002 -> same preset or delete
-    corrupt CLIP weights (open_clip dir)    CheckpointError  could not load the CLIP -> delete the folder, retrain
+    resume a checkpoint of another config   CheckpointError  config.train.lr: 0.001 -> 0.002 -> same preset or delete
+    corrupt exported CLIP (open_clip dir)   CheckpointError  could not load the CLIP -> delete the folder, retrain
     named CLIP weights file missing         CheckpointError  does not exist -> fix clip.pretrained or set it to None
     devices and training
     "cuda" on a machine without a GPU       DeviceError      no CUDA GPU -> use device='cpu' or 'auto'
@@ -87,7 +87,7 @@ from typing import Callable
 import pytest
 import torch
 
-from unclip_mini import ar_prior, clip_model, data, metrics, notebook, stages, train, upsampler
+from unclip_mini import ar_prior, clip_model, metrics, notebook, real_data, stages, train, upsampler
 from unclip_mini import decoder as D
 from unclip_mini import diffusion_prior as dp
 from unclip_mini.errors import (ArtifactError, CaptionTooLong, CheckpointError, ConfigError, DataError,
@@ -188,7 +188,7 @@ def upsample_5px(ctx):
 
 def folder_non_image(ctx):
     root = image_folder(ctx, [{"file": "a.png", "caption": "a red circle"}])
-    data.ImageCaptionFolder(root, resolution=16).images()  # the images are read lazily
+    real_data.ImageCaptionFolder(root, resolution=16).images()  # the images are read lazily
 
 
 def set_clip_id(run, new_id="clip-0000000000"):
@@ -230,13 +230,13 @@ def prerequisite_deleted(ctx):
 def embeddings_cache_missing(ctx):
     run = ctx.trained_run()
     (run.folder.root / "clip" / "embeddings.pt").unlink()
-    clip_model.load_embeddings(run, "train")
+    run.embeddings("train")
 
 
 def corrupt_clip_weights(ctx):
     run = ctx.trained_run()
     (run.folder.root / "clip" / "open_clip" / "open_clip_pytorch_model.bin").write_bytes(b"garbage")
-    stages.load_or_train(run, "clip", verbose=False)
+    clip_model.load_local_dir(run.folder.root / "clip" / "open_clip")  # the exported open_clip folder
 
 
 def unreadable_record(ctx):
@@ -329,16 +329,16 @@ CASES = [
          DataError, ["cannot read image", "a.png", "UnidentifiedImageError"],
          ["replace it with a valid PNG/JPEG", "remove its line from the captions file"]),
     Case("captions_name_a_missing_image",
-         lambda c: data.ImageCaptionFolder(image_folder(c, [{"file": "b.png", "caption": "a red circle"}])),
+         lambda c: real_data.ImageCaptionFolder(image_folder(c, [{"file": "b.png", "caption": "a red circle"}])),
          DataError, ["line 1 names 'b.png'", "does not exist"], ["fix the name or add the image"]),
     Case("image_folder_without_captions_file",
-         lambda c: data.ImageCaptionFolder(image_folder(c, None)),
+         lambda c: real_data.ImageCaptionFolder(image_folder(c, None)),
          DataError, ["no captions file in"], ['create captions.jsonl with lines like {"file": "a.png"']),
     Case("captions_line_not_json",
-         lambda c: data.ImageCaptionFolder(image_folder(c, ["{'file': 'a.png'}"])),
+         lambda c: real_data.ImageCaptionFolder(image_folder(c, ["{'file': 'a.png'}"])),
          DataError, ["captions.jsonl line 1 is not valid JSON"], ["write one object per line"]),
     Case("empty_caption_in_captions_file",
-         lambda c: data.ImageCaptionFolder(image_folder(c, [{"file": "a.png", "caption": "a red circle"},
+         lambda c: real_data.ImageCaptionFolder(image_folder(c, [{"file": "a.png", "caption": "a red circle"},
                                                             {"file": "a.png", "caption": "   "}])),
          DataError, ["empty caption at", "captions.jsonl line 2"], ["write a caption or remove the line"]),
     Case("empty_caption", lambda c: smoke_clip().tokenize(["a red circle", ""]),
@@ -370,13 +370,14 @@ CASES = [
     # -- stages and run folders -----------------------------------------------------------------
     Case("unknown_stage", lambda c: stages.load_or_train(c.empty_run(), "vae", verbose=False),
          ConfigError, ["unknown stage 'vae'"], ["valid stages: clip, diffusion_prior, ar_prior"]),
-    Case("load_stage_never_trained", lambda c: D.load_stage(c.empty_run()),
+    Case("load_stage_never_trained", lambda c: stages.load_stage(c.empty_run(), "decoder"),
          ArtifactError, ["no trained 'decoder' stage in"], ["call stages.load_or_train(run, 'decoder')"]),
-    Case("load_clip_never_trained", lambda c: clip_model.load_stage(c.empty_run()),
-         ArtifactError, ["no trained CLIP in"],
+    Case("load_clip_never_trained", lambda c: stages.load_stage(c.empty_run(), "clip"),
+         ArtifactError, ["no trained 'clip' stage in"],
          ["stages.load_or_train(run, 'clip')", "python -m unclip_mini train clip --preset smoke"]),
-    Case("train_stage_without_its_prerequisite", lambda c: D.train_stage(c.empty_run()),
-         ArtifactError, ["stage 'decoder' needs a trained CLIP"], ["call stages.load_or_train(run, 'clip') first"]),
+    Case("train_stage_without_its_prerequisite", lambda c: stages.train_stage(c.empty_run(), "decoder"),
+         ArtifactError, ["stage 'decoder' needs a trained 'clip' stage"],
+         ["call stages.load_or_train(run, 'clip') first"]),
     Case("prerequisite_deleted_after_training", prerequisite_deleted,
          ArtifactError, [R(r"stage 'decoder' .* was trained from clip clip-\w{10}, but the clip there is now missing")],
          [R(r"delete \S+/decoder to retrain decoder on the current clip")]),
@@ -385,7 +386,7 @@ CASES = [
          ArtifactError, [R(r"was trained from clip clip-\w{10}, but the clip there is now clip-0000000000")],
          [R(r"delete \S+/decoder to retrain decoder on the current clip")]),
     Case("embeddings_cache_of_another_clip",
-         lambda c: clip_model.load_embeddings(set_clip_id(c.trained_run()), "train"),
+         lambda c: set_clip_id(c.trained_run()).embeddings("train"),
          ArtifactError, [R(r"embeddings\.pt was made from clip 'clip-\w{10}', but the current clip is "
                            r"'clip-0000000000'")],
          [R(r"Rebuild it: delete \S+/clip and retrain the clip stage")]),
@@ -424,7 +425,7 @@ CASES = [
          CheckpointError, ["is corrupt, truncated or not a checkpoint", "UnpicklingError"], ["retrain the stage"]),
     Case("resume_checkpoint_of_another_config", resume_with_other_config,
          CheckpointError, [R(r"decoder/checkpoint\.pt was trained with another config "
-                             r"\(decoder\.train\.lr: 0\.001 -> 0\.002\)")],
+                             r"\(config\.train\.lr: 0\.001 -> 0\.002\)")],
          [R(r"use the matching preset, or delete the folder \S+/decoder to retrain")]),
     Case("clip_weights_corrupt", corrupt_clip_weights,
          CheckpointError, ["open_clip could not load the CLIP in"], ["delete the folder and retrain the clip stage"]),

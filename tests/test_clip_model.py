@@ -90,11 +90,17 @@ def test_stage_round_trip_and_cache_provenance(tmp_path):
     loaded = stages.load_or_train(run, "clip", verbose=False)
     x = trained.tokenize(["a red circle"])
     torch.testing.assert_close(trained.encode_text(x)["text_embed"], loaded.encode_text(x)["text_embed"])
-    emb = clip_model.load_embeddings(run, "heldout")
+    emb = run.embeddings("heldout")
     assert len(emb["image_embed"]) == len(run.dataset("heldout"))
     torch.testing.assert_close(emb["image_embed"][:4], loaded.encode_image(run.dataset("heldout").images()[:4]))
+    assert trained.record["id"] == loaded.record["id"] == stages.read_record(run, "clip")["id"]
+    # the exported open_clip folder loads through open_clip's own `local-dir:` code, to the same CLIP
+    model, tokenizer, pre = clip_model.load_local_dir(tmp_path / "clip" / "open_clip")
+    exported = clip_model.ClipEncoder(model, tokenizer, pre, loaded.cfg)
+    torch.testing.assert_close(exported.encode_text(x)["text_embed"], loaded.encode_text(x)["text_embed"])
     # a CLIP retrained since: the cached embeddings are refused
     record = stages.read_record(run, "clip")
-    stages.write_record(run, "clip", {**record["config"], "seed": 99})
+    stages.write_record(run, "clip", {**record["config"], "embed_dim": 99})
+    fresh = stages.Run("smoke", run_dir=tmp_path)
     with pytest.raises(ArtifactError, match="was made from clip .* but the current clip is"):
-        clip_model.load_embeddings(run, "train")
+        fresh.embeddings("train")

@@ -7,7 +7,7 @@ from unclip_mini import stages
 from unclip_mini.errors import ConfigError, DataError
 from unclip_mini.unet import count_parameters
 
-from _perturb import perturb_
+from _helpers import perturb_
 
 # smoke models are tiny: extra threads only wait on each other (and on a shared machine, a lot)
 torch.set_num_threads(1)
@@ -200,19 +200,44 @@ def test_stage_round_trip(tmp_path):
     trained = stages.load_or_train(run, "decoder", steps=4, verbose=False)  # trains the smoke CLIP first
     clip_id = stages.read_record(run, "clip")["id"]
     record = stages.read_record(run, "decoder")
-    assert record["requires"] == {"clip": clip_id} and record["config"]["decoder"]["train"]["steps"] == 4
-    loaded = D.load_stage(run)
-    emb = __import__("unclip_mini.clip_model", fromlist=["x"]).load_embeddings(run, "val")
+    assert record["requires"] == {"clip": clip_id} and record["config"]["train"]["steps"] == 4
+    assert record["steps"] == 4 and "guidance_scale" not in record["config"]  # sampling fields: not trained
+    loaded = stages.load_stage(run, "decoder")
+    assert loaded.record["id"] == trained.record["id"] == record["id"]
+    emb = run.embeddings("val")
     kw = dict(image_embed=emb["image_embed"][:2], tokens=emb["tokens"][:2])
     torch.testing.assert_close(loaded.sample(generator=torch.Generator().manual_seed(0), **kw),
                                trained.sample(generator=torch.Generator().manual_seed(0), **kw))
     glide = stages.load_or_train(run, "glide", steps=3, verbose=False)
-    assert glide.cfg.use_image_embed is False and D.load_glide(run).record["stage"] == "glide"
+    assert glide.cfg.use_image_embed is False and stages.load_stage(run, "glide").record["stage"] == "glide"
     with pytest.raises(Exception, match="decoder"):
-        D.load_stage(stages.Run("smoke", run_dir=tmp_path / "empty"))
+        stages.load_stage(stages.Run("smoke", run_dir=tmp_path / "empty"), "decoder")
 
 
-def test_time_decoder_reports_positive_times():
-    out = D.time_decoder(D.DecoderConfig.smoke(), batch_size=2, repeats=1)
-    assert out["train_step_s"] > 0 and out["sample_step_s"] > 0
-    assert out["parameters"] > out["parameters_no_embedding"] > out["unet_parameters"]
+def test_caption_encoder_runs_once_per_sample_not_per_step():
+    cfg = D.DecoderConfig.smoke()
+    model = make(cfg)
+    _, _, z, tokens = inputs(cfg, b=2)
+    calls = []
+    hook = model.text.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        model.sample(z, tokens, steps=5, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert len(calls) == 1, f"the caption encoder ran {len(calls)} times for one 5-step (guided) sample"
+
+
+def test_invert_recovers_a_latent_that_decodes_back():
+    cfg = D.DecoderConfig.smoke()
+    model = make(cfg)
+    _, _, z, tokens = inputs(cfg, b=2)
+    images = model.sample(z, tokens, steps=20, generator=torch.Generator().manual_seed(1))
+    x_t = model.invert(images, z, tokens, steps=20)
+    assert x_t.shape == images.shape and torch.isfinite(x_t).all()
+    assert torch.equal(x_t, model.invert(images, z, tokens, steps=20))            # deterministic
+    back = model.sample(z, tokens, steps=20, noise=x_t)
+    other = model.sample(z, tokens, steps=20, generator=torch.Generator().manual_seed(2))
+    err, baseline = (back - images).pow(2).mean().sqrt(), (other - images).pow(2).mean().sqrt()
+    assert err < 0.5 * baseline, f"round trip RMSE {err:.3f} is not well below a fresh sample's {baseline:.3f}"
+    with pytest.raises(DataError, match="resize them first"):
+        model.invert(images[:, :, :8, :8], z, tokens)

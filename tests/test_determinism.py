@@ -9,7 +9,7 @@ embeddings, the images. A third run with another seed, and another sampling seed
 import pytest
 import torch
 
-from unclip_mini import clip_model, stages
+from unclip_mini import stages
 
 torch.set_num_threads(1)  # the same thread count in every run; smoke models are tiny anyway
 
@@ -26,7 +26,7 @@ def train_run(run_dir, seed=0):
 
 def generate(run, models, sample_seed=0):
     """Held-out captions -> z_i (diffusion prior) -> images (decoder), all noise from one seeded generator."""
-    e = clip_model.load_embeddings(run, "heldout")
+    e = run.embeddings("heldout")
     n = slice(0, N_CAPTIONS)
     g = torch.Generator().manual_seed(sample_seed)
     z = models["diffusion_prior"].sample(e["text_embed"][n], e["text_tokens"][n], e["text_mask"][n], generator=g)
@@ -67,7 +67,7 @@ def test_same_seed_and_preset_give_the_same_images_twice(two_runs):
         rec_a, rec_b = stages.read_record(run_a, s), stages.read_record(run_b, s)
         assert rec_a["id"] == rec_b["id"]
         assert rec_a["history"]["loss"] == rec_b["history"]["loss"], f"{s}: training losses differ"
-    emb_a, emb_b = clip_model.load_embeddings(run_a, "heldout"), clip_model.load_embeddings(run_b, "heldout")
+    emb_a, emb_b = run_a.embeddings("heldout"), run_b.embeddings("heldout")
     for k in emb_a:
         assert torch.equal(emb_a[k], emb_b[k]), f"cached CLIP embeddings {k} differ"
 

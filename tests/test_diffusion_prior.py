@@ -1,7 +1,6 @@
 """Tests for unclip_mini.diffusion_prior: the sequence, causality and the cached prefix, the null caption,
 the x0 loss, best-of-N, deterministic sampling, the stage round trip, config errors."""
 import json
-import math
 
 import pytest
 import torch
@@ -257,77 +256,23 @@ def test_sampling_errors():
         prior.sample(te, tt[:2], tm[:2])
 
 
-def test_metrics_on_known_embeddings():
-    z = torch.eye(4)
-    m = dp.embedding_metrics(z, z, z.roll(1, 0), matches={"scene": torch.eye(4, dtype=torch.bool)})
-    assert m == {"cos_image": 1.0, "cos_text": 0.0, "top1": 1.0, "top1_scene": 1.0}
-    same = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
-    zi = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
-    assert dp.pair_cosine(zi, same) == pytest.approx(0.6)
-    assert math.isnan(dp.pair_cosine(zi, torch.eye(3, dtype=torch.bool)))
-
-
-def test_modality_probe_and_candidate_diversity():
-    g = torch.Generator().manual_seed(0)
-    shift = torch.zeros(D)
-    shift[0] = 2.0
-    zi = torch.nn.functional.normalize(torch.randn(200, D, generator=g) + shift, dim=-1)   # two separated clouds
-    zt = torch.nn.functional.normalize(torch.randn(200, D, generator=g) - shift, dim=-1)
-    probe = dp.ModalityProbe(zi, zt)
-    assert probe.p_image(zi).mean() > 0.9 and probe.p_image(zt).mean() < 0.1
-    c = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])   # orthogonal pair, identical pair
-    assert dp.candidate_diversity(c) == pytest.approx(0.5)
-
-
-def test_caption_match_reads_only_what_the_caption_says():
-    from unclip_mini import data
-    o = lambda colour, shape, size="small", cell=(0, 0): data.SceneObject(colour, shape, size, cell, (0.3, 0.3), 0.2, 0.0)
-    t_plain = data.SINGLE_TEMPLATES.index("a {colour} {shape}")
-    t_full = data.SINGLE_TEMPLATES.index("a {size} {colour} {shape} in the {cell}")
-    t_rel = data.PAIR_TEMPLATES.index("a {colour_a} {shape_a} {rel} a {colour_b} {shape_b}")
-    t_and = data.PAIR_TEMPLATES.index("a {colour_a} {shape_a} and a {colour_b} {shape_b}")
-    scene = lambda objs, tpl, rel=None: data.Scene(tuple(objs), rel, None, "", tpl)
-    scenes = [scene([o("red", "circle")], t_plain),                      # 0: "a red circle"
-              scene([o("red", "circle", "large", (1, 1))], t_full),      # 1: "a large red circle in the bottom right"
-              scene([o("red", "circle", "small", (1, 1))], t_full),      # 2
-              scene([o("red", "circle", cell=(0, 0)), o("blue", "star", cell=(0, 1))], t_rel, "left of"),
-              scene([o("blue", "star", cell=(1, 0)), o("red", "circle", cell=(1, 1))], t_rel, "right of"),
-              scene([o("blue", "star", cell=(0, 0)), o("red", "circle", cell=(0, 1))], t_and, "left of")]
-    m = dp.caption_match_matrix(scenes)
-    assert m[0].tolist() == [True, True, True, False, False, False]     # any single red circle
-    assert m[1].tolist() == [False, True, False, False, False, False]   # size and cell must match
-    assert m[3].tolist() == [False, False, False, True, True, False]    # "A left of B" == "B right of A", any row
-    assert m[5].tolist() == [False, False, False, True, True, True]     # "A and B": any arrangement
-    assert dp.same_scene_matrix(scenes).sum().item() == 6               # every scene differs
-
-
 # ---------------------------------------------------------------------------------------------
 # the stage (the one slow test: trains the smoke CLIP and the smoke prior, ~10 s)
 # ---------------------------------------------------------------------------------------------
 
-def test_benchmark_reports_times():
-    from types import SimpleNamespace
-    from unclip_mini import stages
-    cfg = stages.Config(preset="smoke")
-    run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"))  # benchmark reads sizes only: no run folder
-    out = dp.benchmark(run, train_steps=1, sample_captions=2, text_len=5)
-    assert out["train_ms_per_step"] > 0 and out["sample_ms_per_embedding"] > 0
-    assert out["params"] == dp.count_parameters(dp.DiffusionPriorNetwork(
-        cfg.diffusion_prior, cfg.clip.embed_dim, cfg.clip.text_width, cfg.clip.context_length))
-
-
 def test_train_load_round_trip(tmp_path):
-    from unclip_mini import clip_model, stages
+    from unclip_mini import stages
     run = stages.Run("smoke", run_dir=tmp_path, device="cpu")
-    with pytest.raises(ArtifactError, match="no trained diffusion prior"):
-        dp.load_stage(run)
-    trained = dp.train_stage(run)
+    with pytest.raises(ArtifactError, match="no trained 'diffusion_prior' stage"):
+        stages.load_stage(run, "diffusion_prior")
+    stages.load_or_train(run, "clip", verbose=False)
+    trained = stages.train_stage(run, "diffusion_prior")
     record = stages.read_record(run, "diffusion_prior")
     assert record["requires"] == {"clip": stages.read_record(run, "clip")["id"]}
     assert record["history"]["step"][-1] == run.cfg.diffusion_prior.train.steps
     loaded = stages.load_or_train(run, "diffusion_prior", verbose=False)
-    assert loaded.name == trained.name == record["id"]
-    e = clip_model.load_embeddings(run, "heldout")
+    assert loaded.record["id"] == trained.record["id"] == record["id"]
+    e = run.embeddings("heldout")
     a = trained.sample(e["text_embed"][:4], e["text_tokens"][:4], e["text_mask"][:4],
                        generator=torch.Generator().manual_seed(0))
     b = loaded.sample(e["text_embed"][:4], e["text_tokens"][:4], e["text_mask"][:4],
@@ -336,11 +281,12 @@ def test_train_load_round_trip(tmp_path):
     # sampling settings are not part of the trained stage: changing them loads the same weights
     run2 = stages.Run("smoke", run_dir=tmp_path, device="cpu")
     run2.cfg = run2.cfg.replace(diffusion_prior=run2.cfg.diffusion_prior.replace(guidance_scale=3.0, sample_steps=4))
-    again = dp.load_stage(run2)
-    assert again.cfg.guidance_scale == 3.0 and again.cfg.sample_steps == 4 and again.name == trained.name
+    again = stages.load_stage(run2, "diffusion_prior")
+    assert again.cfg.guidance_scale == 3.0 and again.cfg.sample_steps == 4
+    assert again.record["id"] == trained.record["id"]
     # a prior trained on another CLIP is refused
     path = tmp_path / "clip" / "stage.json"
     rec = json.loads(path.read_text())
     path.write_text(json.dumps({**rec, "id": "clip-0000000000"}))
     with pytest.raises(ArtifactError, match="retrain"):
-        dp.load_stage(run)
+        stages.load_stage(run, "diffusion_prior")

@@ -1,10 +1,10 @@
-"""Tests of unclip_mini/metrics.py: analytic cases of FD, CLIP score, PSNR, SSIM; the attribute checker."""
+"""Tests of unclip_mini/metrics.py: analytic cases of FD, CLIP score, PSNR, SSIM; embedding metrics of the priors."""
 import math
 
 import pytest
 import torch
 
-from unclip_mini import data, metrics, stages
+from unclip_mini import metrics
 from unclip_mini.errors import DataError
 
 torch.set_num_threads(1)  # tiny models and a shared machine: extra threads only wait
@@ -93,63 +93,24 @@ def test_ssim_properties():
 
 # ---- the attribute checker ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def world():
-    return data.ToyWorld(data.DataConfig.smoke())
+
+def test_metrics_on_known_embeddings():
+    z = torch.eye(4)
+    m = metrics.embedding_metrics(z, z, z.roll(1, 0), matches={"scene": torch.eye(4, dtype=torch.bool)})
+    assert m == {"cos_image": 1.0, "cos_text": 0.0, "top1": 1.0, "top1_scene": 1.0}
+    same = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    zi = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    assert metrics.pair_cosine(zi, same) == pytest.approx(0.6)
+    assert math.isnan(metrics.pair_cosine(zi, torch.eye(3, dtype=torch.bool)))
 
 
-def make_checker(world):
-    torch.manual_seed(0)
-    c = world.cfg
-    return metrics.Checker(metrics.CheckerConfig.smoke(), c.colours, c.shapes, c.sizes).eval()
-
-
-def test_checker_shapes_and_targets(world):
-    checker = make_checker(world)
-    scenes = world.scenes(range(20))
-    images = world.render(scenes)
-    out = checker(images)                                       # uint8 accepted
-    assert out["colour"].shape == (20, 4, len(world.cfg.colours) + 1)
-    assert out["shape"].shape == (20, 4, len(world.cfg.shapes) + 1)
-    assert checker(data.to_float(world.render(scenes, 32)))["size"].shape == (20, 4, 3)  # any resolution
-    t = checker.targets(scenes)
-    for s, colour, shape in zip(scenes, t["colour"], t["shape"]):
-        assert int((colour > 0).sum()) == len(s.objects) == int((shape > 0).sum())
-        o = s.objects[0]
-        cell = 2 * o.cell[0] + o.cell[1]
-        assert world.cfg.colours[int(colour[cell]) - 1] == o.colour
-        assert world.cfg.shapes[int(shape[cell]) - 1] == o.shape
-
-
-def test_attribute_accuracy_semantics(world, monkeypatch):
-    checker = make_checker(world)
-    scenes = [s for s in world.scenes(range(40)) if len(s.objects) == 1][:10]
-    images = torch.zeros(len(scenes), 3, 16, 16)
-    truth = checker.targets(scenes)
-    monkeypatch.setattr(checker, "predict", lambda images: {k: v.clone() for k, v in truth.items()})
-    perfect = metrics.attribute_accuracy(checker, images, scenes)
-    assert all(perfect[k] == 1.0 for k in ("colour", "shape", "size", "position", "count", "all"))
-    # move every object to the next cell: colour/shape/size still right, position and scene wrong
-    moved = {k: v.roll(1, dims=1) for k, v in truth.items()}
-    monkeypatch.setattr(checker, "predict", lambda images: moved)
-    acc = metrics.attribute_accuracy(checker, images, scenes)
-    assert (acc["colour"], acc["shape"], acc["position"], acc["count"], acc["all"]) == (1.0, 1.0, 0.0, 1.0, 0.0)
-    # wrong colour in the first image only
-    wrong = {k: v.clone() for k, v in truth.items()}
-    cell = int(wrong["colour"][0].argmax())
-    wrong["colour"][0, cell] = wrong["colour"][0, cell] % len(world.cfg.colours) + 1
-    monkeypatch.setattr(checker, "predict", lambda images: wrong)
-    acc = metrics.attribute_accuracy(checker, images, scenes)
-    assert acc["colour"] == pytest.approx(0.9) and acc["shape"] == 1.0 and acc["all"] == pytest.approx(0.9)
-    with pytest.raises(DataError, match="one scene per image"):
-        metrics.attribute_accuracy(checker, images[:3], scenes)
-
-
-def test_checker_stage_round_trip(tmp_path):
-    run = stages.Run("smoke", run_dir=tmp_path)
-    trained = metrics.train_checker(run)
-    record = stages.read_record(run, "checker")
-    assert set(record["accuracy"]) == {"val", "heldout"} and 0 <= record["accuracy"]["val"]["all"] <= 1
-    loaded = metrics.load_checker(run)
-    images = run.dataset("val").images()[:8]
-    torch.testing.assert_close(loaded(images)["shape"], trained(images)["shape"])
+def test_modality_probe_and_candidate_diversity():
+    g = torch.Generator().manual_seed(0)
+    shift = torch.zeros(16)
+    shift[0] = 2.0
+    zi = torch.nn.functional.normalize(torch.randn(200, 16, generator=g) + shift, dim=-1)   # two separated clouds
+    zt = torch.nn.functional.normalize(torch.randn(200, 16, generator=g) - shift, dim=-1)
+    probe = metrics.ModalityProbe(zi, zt)
+    assert probe.p_image(zi).mean() > 0.9 and probe.p_image(zt).mean() < 0.1
+    c = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])   # orthogonal pair, identical pair
+    assert metrics.candidate_diversity(c) == pytest.approx(0.5)

@@ -1,4 +1,4 @@
-"""Configs, presets, the run, stage records and their provenance checks."""
+"""Configs, presets, the run, the one stage lifecycle: records, provenance checks, variants, the layering."""
 import dataclasses
 import json
 import os
@@ -19,13 +19,34 @@ def test_every_component_resolves_for_every_preset(preset):
     assert stages.Config.from_dict(cfg.to_dict()) == cfg, "configs round-trip through plain dicts"
 
 
-def test_every_stage_has_its_functions():
-    import importlib
-    for s in stages.STAGES.values():
-        module = importlib.import_module(f"unclip_mini.{s.module}")
-        assert callable(getattr(module, s.train_fn)) and callable(getattr(module, s.load_fn)), s.name
+def test_every_stage_is_a_spec_of_its_component():
+    for name, s in stages.STAGES.items():
+        assert s.name == name and hasattr(stages.Config(preset="smoke"), s.field), name
+        for fn in (s.build, s.batches, s.loss, s.wrap):
+            assert callable(fn), name
         for dep in s.needs:
             assert dep in stages.STAGES
+        cfg = getattr(stages.Config(preset="smoke"), s.field)
+        assert all(f in cfg.to_dict() for f in s.sampling_fields), name
+
+
+def test_components_never_import_the_lifecycle():
+    """The dependency graph runs one way: components export a spec; only stages.py (and the entry points
+    above it) import stages."""
+    import ast
+    from pathlib import Path
+    lib = Path(stages.__file__).parent
+    above = {"stages.py", "notebook.py", "course.py", "bench.py", "__main__.py", "report.py"}
+    for f in sorted(lib.glob("*.py")):
+        if f.name in above:
+            continue
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [a.name for a in node.names]
+                assert not (node.module in ("stages", "unclip_mini.stages") or
+                            (node.module in (None, "unclip_mini") and "stages" in names)), \
+                    f"{f.name} imports stages (line {node.lineno}): components must not"
 
 
 def test_unknown_preset_stage_and_field():
@@ -63,6 +84,8 @@ def test_stage_records_and_requires(tmp_path):
     assert stages.read_record(run, "clip") is None
     clip = stages.write_record(run, "clip", {"a": 1})
     prior = stages.write_record(run, "diffusion_prior", {"b": 2}, requires={"clip": clip["id"]})
+    assert set(prior) >= {"stage", "id", "config", "data", "seed", "dims", "requires", "variant", "code_version"}
+    assert prior["data"] == run.cfg.data.to_dict() and prior["seed"] == 0
     stages.check_requires(run, "diffusion_prior", prior)
     stages.write_record(run, "clip", {"a": 2})  # the CLIP was retrained with another config
     with pytest.raises(ArtifactError, match="was trained from clip clip-.* but the clip there is now"):
@@ -104,17 +127,79 @@ def test_notebook_parameters_of_the_wrong_type(name, value, hint):
         notebook.setup(**{name: value})
 
 
-def test_a_stage_trained_with_another_config_is_refused(tmp_path):
-    """A run folder's stage is loaded only by a run with the same config and seed (training steps aside)."""
+@pytest.fixture(scope="module")
+def trained_smoke(tmp_path_factory):
+    """Every registered stage trained once at smoke, in one folder (a few seconds)."""
+    root = tmp_path_factory.mktemp("every_stage")
+    run = stages.Run("smoke", run_dir=root, device="cpu")
+    for name in stages.STAGES:
+        stages.load_or_train(run, name, verbose=False)
+    return root
+
+
+# one trained field of every stage, and a value it was not trained with
+CHANGES = {
+    "clip": ("vision_layers", 2), "diffusion_prior": ("layers", 2), "ar_prior": ("n_buckets", 32),
+    "checker": ("hidden", 33), "decoder": ("p_drop_text", 0.3), "glide": ("p_drop_text", 0.3),
+    "upsampler1": ("degradation", "none"), "upsampler2": ("degradation", "blur"),
+}
+
+
+def test_changes_cover_every_stage():
+    assert set(CHANGES) == set(stages.STAGES)
+
+
+@pytest.mark.parametrize("name", list(CHANGES))
+def test_a_changed_config_of_every_stage_is_refused_naming_the_field(name, trained_smoke):
+    run = stages.Run("smoke", run_dir=trained_smoke, device="cpu")
+    loaded = stages.load_stage(run, name)                                   # the run's own config loads
+    assert loaded.record["id"] == stages.read_record(run, name)["id"]
+    field, value = CHANGES[name]
+    part = getattr(run.cfg, name)
+    assert getattr(part, field) != value
+    run.cfg = run.cfg.replace(**{name: part.replace(**{field: value})})
+    with pytest.raises(ArtifactError, match=rf"{name}\.{field}: .* -> {value!r}.*another run folder"):
+        stages.load_stage(run, name)
+
+
+@pytest.mark.parametrize("name", [n for n, s in stages.STAGES.items() if s.sampling_fields])
+def test_sampling_fields_change_without_retraining(name, trained_smoke):
+    run = stages.Run("smoke", run_dir=trained_smoke, device="cpu")
+    spec, part = stages.STAGES[name], getattr(run.cfg, name)
+    field = spec.sampling_fields[0]
+    value = getattr(part, field)
+    new = {"sample_steps": 3, "guidance_scale": 2.0, "temperature": 0.5}.get(field, value)
+    run.cfg = run.cfg.replace(**{name: part.replace(**{field: new})})
+    assert getattr(stages.load_stage(run, name).cfg, field) == new
+
+
+def test_a_stage_trained_with_another_seed_or_world_is_refused(trained_smoke):
+    reseeded = stages.Run("smoke", run_dir=trained_smoke, device="cpu", seed=1)
+    with pytest.raises(ArtifactError, match=r"seed: 0 -> 1.*delete"):
+        stages.load_stage(reseeded, "checker")
+    other = stages.Run("smoke", run_dir=trained_smoke, device="cpu")
+    other.cfg = other.cfg.replace(data=other.cfg.data.replace(p_text=0.5))
+    with pytest.raises(ArtifactError, match=r"data\.p_text: 0\.15 -> 0\.5"):
+        stages.load_stage(other, "upsampler1")
+
+
+def test_steps_may_differ_a_run_can_be_extended(tmp_path):
     run = stages.Run("smoke", run_dir=tmp_path, device="cpu")
     stages.load_or_train(run, "checker", verbose=False)
     longer = stages.Run("smoke", run_dir=tmp_path, device="cpu")
     longer.cfg = longer.cfg.with_steps("checker", 99)
-    stages.load_or_train(longer, "checker", verbose=False)  # steps may differ: a run can be extended
-    other = stages.Run("smoke", run_dir=tmp_path, device="cpu")
-    other.cfg = other.cfg.replace(checker=other.cfg.checker.replace(hidden=other.cfg.checker.hidden + 1))
-    with pytest.raises(ArtifactError, match=r"checker\.hidden: .* -> .*another run folder"):
-        stages.load_or_train(other, "checker", verbose=False)
-    reseeded = stages.Run("smoke", run_dir=tmp_path, device="cpu", seed=1)
-    with pytest.raises(ArtifactError, match=r"seed: 0 -> 1.*delete"):
-        stages.load_or_train(reseeded, "checker", verbose=False)
+    assert stages.load_or_train(longer, "checker", verbose=False).record["steps"] == run.cfg.checker.train.steps
+
+
+def test_a_variant_has_its_own_folder_and_record(trained_smoke):
+    run = stages.Run("smoke", run_dir=trained_smoke, device="cpu")
+    cfg = run.cfg.checker.replace(hidden=40)
+    v = stages.load_or_train(run, "checker", config=cfg, variant="wide", verbose=False)
+    assert v.record["stage"] == "checker-wide" and v.record["variant"] == "wide" and v.cfg.hidden == 40
+    assert stages.load_stage(run, "checker", config=cfg, variant="wide").record["id"] == v.record["id"]
+    with pytest.raises(ArtifactError, match=r"checker\.hidden: 40 -> 32"):
+        stages.load_stage(run, "checker", variant="wide")                  # the run's own config differs
+    with pytest.raises(ConfigError, match="variant"):
+        stages.load_or_train(run, "checker", variant="a/b")
+    with pytest.raises(ConfigError, match="must be a CheckerConfig"):
+        stages.load_or_train(run, "checker", config=run.cfg.decoder, variant="x")

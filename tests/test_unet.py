@@ -7,7 +7,7 @@ import torch
 from unclip_mini.errors import ConfigError, DataError
 from unclip_mini.unet import UNetConfig, UNetModel, count_parameters, timestep_embedding
 
-from _perturb import perturb_
+from _helpers import perturb_
 
 
 def make(cfg, seed=0, perturb=True):

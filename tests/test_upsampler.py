@@ -1,88 +1,19 @@
-"""Tests of unclip_mini/upsampler.py: degradations, blur kernel, conv-only crops vs full images, training
-pairs, config errors, and one smoke train -> load -> upsample round trip."""
-import math
+"""Tests of unclip_mini/upsampler.py: conv-only crops vs full images, training pairs, config errors, and
+one smoke train -> load -> upsample round trip (with a variant)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from unclip_mini import degradations
 from unclip_mini import upsampler as up
 from unclip_mini.data import DataConfig, ToyWorld, to_float
 from unclip_mini.errors import ArtifactError, ConfigError, DataError
 from unclip_mini.unet import AttentionBlock, UNetModel
 
-from _perturb import perturb_
+from _helpers import gen, images, perturb_
 
-RANDOM_OPS = {"random_blur": up.random_blur, "random_resize": up.random_resize,
-              "gaussian_noise": up.gaussian_noise, "camera_noise": up.camera_noise, "jpeg": up.jpeg,
-              "bsr_degrade": up.bsr_degrade}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tiny models slow down many-fold when two threads share a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def images(b=4, side=12, seed=0):
-    """Smooth-ish images in [-1, 1] `[b, 3, side, side]` (blocky, so blur and resize change them)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(b, 3, side // 3, side // 3, generator=g) * 2 - 1
-    return F.interpolate(x, size=side, mode="nearest")
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.mark.parametrize("name", list(RANDOM_OPS))
-def test_degradations_shape_range_determinism(name):
-    op, x = RANDOM_OPS[name], images()
-    a, b, c = op(x, gen(1)), op(x, gen(1)), op(x, gen(2))
-    assert a.shape == x.shape and a.dtype == torch.float32
-    assert torch.isfinite(a).all() and a.min() >= -1 and a.max() <= 1
-    torch.testing.assert_close(a, b, rtol=0, atol=0)          # same seed -> same result
-    assert not torch.equal(a, c)                               # another seed -> another draw
-    assert not torch.equal(a, x)                               # it changes the images
-
-
-def test_bsr_draws_per_image_and_leaves_input_alone():
-    x = images(b=1).repeat(6, 1, 1, 1)
-    before = x.clone()
-    y = up.bsr_degrade(x, gen(0))
-    torch.testing.assert_close(x, before, rtol=0, atol=0)
-    assert len({tuple(row.flatten()[:50].tolist()) for row in y}) > 1   # a mixture per image, not per batch
-
-
-def test_gaussian_noise_level_and_jpeg_quality():
-    flat = torch.zeros(8, 3, 32, 32)
-    std = (up.gaussian_noise(flat, gen(0), level_range=(10, 10)) - flat).std(dim=(1, 2, 3))
-    # 10 levels of 255 is 10/127.5 in [-1, 1] units (grey, colour or correlated noise all stay near it)
-    assert std.max() < 10 / 127.5 * 1.3 and std.min() > 10 / 127.5 * 0.2
-    x = images(b=2, side=32)
-    err = {q: (up.jpeg(x, quality=q) - x).abs().mean().item() for q in (20, 95)}
-    assert err[20] > err[95] > 0
-
-
-def test_blur_kernel_sums_to_one_and_matches_sigma():
-    k = up.gaussian_kernel(3, 0.6)
-    torch.testing.assert_close(k.sum(), torch.tensor(1.0))
-    torch.testing.assert_close(k[0] / k[1], torch.tensor(math.exp(-1 / (2 * 0.36))))
-    big = up.gaussian_kernel(41, 2.5)                          # untruncated: variance = sigma^2
-    x = torch.arange(41.0) - 20
-    torch.testing.assert_close((big * x ** 2).sum(), torch.tensor(2.5 ** 2), rtol=1e-4, atol=1e-4)
-    delta = torch.zeros(1, 3, 9, 9)
-    delta[..., 4, 4] = 1.0
-    out = up.gaussian_blur(delta, 3, 0.6)
-    torch.testing.assert_close(out[0, 0, 3:6, 3:6], torch.outer(k, k))
-    const = torch.full((2, 3, 5, 5), 0.3)
-    torch.testing.assert_close(up.gaussian_blur(const), const)  # edges replicated: no darkening
-    for size, sigma in ((4, 0.6), (0, 0.6), (3, 0.0)):
-        with pytest.raises(ConfigError):
-            up.gaussian_kernel(size, sigma)
+torch.set_num_threads(1)  # tiny models: extra threads only wait on a shared machine
 
 
 def perturbed(cfg, seed=0):
@@ -128,7 +59,7 @@ def test_training_pairs_are_avgpooled_crops_then_corrupted():
                                                                  left // 4:(left + c) // 4])
     blur = up.training_pairs(world, scenes, up.UpsamplerConfig.stage1("smoke"), 64, gen(0))
     torch.testing.assert_close(blur["high_res"], pair["high_res"])        # same generator, same crops
-    torch.testing.assert_close(blur["cond"], up.gaussian_blur(blur["low_res"], 3, 0.6))
+    torch.testing.assert_close(blur["cond"], degradations.gaussian_blur(blur["low_res"], 3, 0.6))
     focus = up.training_pairs(world, world.scenes(range(8)), clean.replace(crop_focus=1.0), 64, gen(0))
     for scene, (top, left, size) in zip(world.scenes(range(8)), focus["crops"]):
         if len(scene.objects) == 1:   # the window holds the object's centre
@@ -146,7 +77,7 @@ def test_config_errors_name_the_fix():
     with pytest.raises(ConfigError, match="valid choices: 'blur', 'bsr', 'none'"):
         cfg.replace(degradation="sharpen")
     with pytest.raises(ConfigError, match="valid choices: 'blur', 'bsr', 'none'"):
-        up.degrade(images(), "sharpen")
+        degradations.degrade(images(), "sharpen")
     with pytest.raises(ConfigError, match="conv-only"):
         cfg.replace(unet=cfg.unet.replace(attention_resolutions=(16,), num_head_channels=8))
     with pytest.raises(ConfigError, match="multiple of"):
@@ -186,12 +117,12 @@ def test_smoke_train_load_upsample_round_trip(tmp_path):
     from unclip_mini import stages
     run = stages.Run("smoke", run_dir=tmp_path, device="cpu")
     with pytest.raises(ArtifactError, match="no trained 'upsampler1'"):
-        up.load_upsampler1(run)
+        stages.load_stage(run, "upsampler1")
     bad = run.cfg.upsampler1.replace(unet=run.cfg.upsampler1.unet.replace(image_size=128))
     with pytest.raises(ConfigError, match="unet.image_size"):
-        up.train(run, "upsampler1", bad)
-    trained = up.train_upsampler1(run)
-    assert stages.read_record(run, "upsampler1")["id"] == trained.name
+        stages.train_stage(run, "upsampler1", config=bad, variant="big")
+    trained = stages.train_stage(run, "upsampler1")
+    assert stages.read_record(run, "upsampler1")["id"] == trained.record["id"]
     loaded = stages.load_or_train(run, "upsampler1", verbose=False)
     for a, b in zip(trained.model.state_dict().values(), loaded.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -200,5 +131,12 @@ def test_smoke_train_load_upsample_round_trip(tmp_path):
     assert out.shape == (2, 3, 64, 64) and out.min() >= -1 and out.max() <= 1
     torch.testing.assert_close(out, trained.upsample(low, generator=gen(0)))
     # a variant (no corruption) trains through the same code into its own folder
-    clean = up.train(run, "upsampler1_clean", run.cfg.upsampler1.replace(degradation="none"), progress=False)
-    assert up.load(run, "upsampler1_clean").cfg.degradation == "none" and clean.name != trained.name
+    none = run.cfg.upsampler1.replace(degradation="none")
+    clean = stages.load_or_train(run, "upsampler1", config=none, variant="clean", verbose=False)
+    again = stages.load_or_train(run, "upsampler1", config=none, variant="clean", verbose=False)
+    assert again.cfg.degradation == "none" and again.record["id"] == clean.record["id"] != trained.record["id"]
+    assert (tmp_path / "upsampler1-clean" / "stage.json").exists()
+    # the run's own upsampler1 was trained with blur: a run asking for 'none' is refused, naming the field
+    run.cfg = run.cfg.replace(upsampler1=none)
+    with pytest.raises(ArtifactError, match=r"upsampler1\.degradation: 'blur' -> 'none'"):
+        stages.load_stage(run, "upsampler1")

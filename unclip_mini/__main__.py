@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         if args.command == "stages":
             from .stages import STAGES
             for s in STAGES.values():
-                print(f"{s.name:<16} needs {', '.join(s.needs) or '-':<24} notebook {s.notebook}: {s.about}")
+                print(f"{s.name:<16} needs {', '.join(s.needs) or '-':<8} notebook {s.notebook:<20} {s.about}")
             return 0
     except UnclipError as e:
         print(f"error: {e}", file=sys.stderr)

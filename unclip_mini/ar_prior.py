@@ -25,7 +25,6 @@ caption enters as the frozen CLIP text transformer's token features, projected t
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +35,8 @@ from torch import nn
 from .config import PresetConfig, check, check_choice, check_positive, check_range
 from .errors import ConfigError, DataError
 from .progress import tqdm
-from .train import TrainConfig
+from .train import StageSpec, TrainConfig
+from . import gaussian_diffusion as gd
 from .transformer import Transformer
 
 
@@ -46,8 +46,7 @@ class ARPriorConfig(PresetConfig):
     variance_to_keep: float = 0.99     # keep the fewest components holding this much variance (paper: "<1% MSE")
     n_components: int | None = None    # or keep exactly this many (paper: 319 of 1,024); None: use variance_to_keep
     n_buckets: int = 256               # buckets per kept component (paper: 1024)
-    bucket_edges: str = "quantile"     # 'quantile' (equal counts) | 'uniform' (equal widths); paper: not stated.
-    #                                    toy, 600 steps: quantile edges sampled closer to z_i (cos 0.846 vs 0.837)
+    bucket_edges: str = "quantile"     # 'quantile' (equal counts) | 'uniform' (equal widths); paper: not stated
     dot_buckets: int = 32              # buckets of the z_i . z_t token, at its training quantiles (paper: not stated)
     width: int = 96                    # transformer width (paper: 1664, the "latent decoder")
     layers: int = 3                    # (paper: 24)
@@ -86,9 +85,7 @@ class ARPriorConfig(PresetConfig):
 
     @classmethod
     def toy(cls):
-        # the toy diffusion prior's size (width 96, 3 layers: 0.41 M vs 0.39 M parameters); 1500 steps at batch 64
-        # took the same wall-clock as its 1200 steps at batch 128 (measured side by side on 2 shared cores)
-        return cls()
+        return cls()  # the toy diffusion prior's size and training time (README, measurements)
 
     @classmethod
     def small(cls):
@@ -305,14 +302,7 @@ def reconstruction_error(image_embed: torch.Tensor, image_embed_hat: torch.Tenso
 # the model
 # ---------------------------------------------------------------------------------------------
 
-def guide_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on logits: uncond + scale (cond - uncond); scale 1 = the conditional logits."""
-    if scale == 1.0:
-        return cond
-    return uncond + scale * (cond - uncond)
-
-
-class ARPrior(nn.Module):
+class ARPriorNetwork(nn.Module):
     """Causal transformer over [caption tokens, z_t, dot token, code_1 .. code_K-1] -> logits of code_1 .. code_K.
 
     Args:
@@ -375,11 +365,6 @@ class ARPrior(nn.Module):
         return self.head(h[:, l - 1:])                                   # outputs at dot, code_1 .. code_K-1
 
     # -- sampling ----------------------------------------------------------------------------
-    def _logits_step(self, logits, scale, batch):
-        if scale == 1.0:
-            return logits[:batch]
-        return guide_logits(logits[:batch], logits[batch:], scale)
-
     @torch.no_grad()
     def sample_codes(self, text_tokens, text_mask, text_embed, dot_codes, *, guidance_scale: float = 1.0,
                      temperature: float = 1.0, generator=None, use_cache: bool = True) -> torch.Tensor:
@@ -394,16 +379,17 @@ class ARPrior(nn.Module):
         guided = guidance_scale != 1.0
         drop = None
         if guided:  # one doubled batch: conditional rows, then the same rows with the caption dropped
-            text_tokens, text_mask = torch.cat([text_tokens] * 2), torch.cat([text_mask] * 2)
-            text_embed, dot_codes = torch.cat([text_embed] * 2), torch.cat([dot_codes] * 2)
-            drop = torch.arange(2 * b, device=dev) >= b
+            text_tokens, text_mask, text_embed, dot_codes, drop = gd.with_null_rows(
+                text_tokens, text_mask, text_embed, dot_codes)
         prefix, keep = self.embed_prefix(text_tokens, text_mask, text_embed, dot_codes, drop)
         rows, k_total = prefix.shape[0], self.n_components
         codes = torch.zeros(b, k_total, dtype=torch.long, device=dev)
         cache = self.transformer.init_cache(rows, prefix.shape[1] + k_total - 1) if use_cache else None
         h = self.transformer(prefix, key_padding_mask=keep, cache=cache)[:, -1]
         for k in range(k_total):
-            logits = self._logits_step(self.head(h).float(), guidance_scale, b)      # [B, n_buckets]
+            logits = self.head(h).float()                                             # [B (x2), n_buckets]
+            if guided:  # classifier-free guidance on the logits
+                logits = gd.guide(logits[:b], logits[b:], guidance_scale)
             if temperature == 0:
                 code = logits.argmax(-1)
             else:
@@ -443,14 +429,13 @@ def ar_loss_fn(cond_drop_prob: float):
 # the trained prior: caption -> z_i
 # ---------------------------------------------------------------------------------------------
 
-class ARPriorSampler:
+class ARPrior:
     """A trained AR prior and its PCA quantizer: `sample(text_embed, text_tokens, text_mask) -> z_i [B, D]`."""
 
-    def __init__(self, model: ARPrior, quantizer: PCAQuantizer, cfg: ARPriorConfig, device="cpu",
-                 history=None, record_id=None):
+    def __init__(self, model: ARPriorNetwork, quantizer: PCAQuantizer, cfg: ARPriorConfig, device="cpu"):
         self.model = model.to(device).eval().requires_grad_(False)
         self.quantizer, self.cfg, self.device = quantizer, cfg, torch.device(device)
-        self.history, self.id = history, record_id
+        self.record = None  # the stage record, when it came from a run folder (stages.load_or_train)
 
     @torch.no_grad()
     def sample(self, text_embed, text_tokens, text_mask, guidance_scale=None, temperature=None,
@@ -484,44 +469,27 @@ class ARPriorSampler:
 
 
 # ---------------------------------------------------------------------------------------------
-# the stage
+# the stage: fit the PCA quantizer on the train split's z_i (`ar_prior/pca.pt`), then train the prior
 # ---------------------------------------------------------------------------------------------
 
-def _clip_id(run) -> str:
-    from .stages import load_or_train, read_record
-    if read_record(run, "clip") is None:
-        load_or_train(run, "clip")
-    return read_record(run, "clip")["id"]
-
-
-def stage_config(run, cfg: ARPriorConfig, dims: dict) -> dict:
-    """Everything that determines the trained AR prior (recorded with it): its config, the sizes it was built
-    for (D, caption token width, CLIP context length, K), the seed."""
-    return {"ar_prior": cfg.to_dict(), "dims": dims, "seed": run.seed}
-
-
-def build_model(cfg: ARPriorConfig, dims: dict) -> ARPrior:
-    return ARPrior(cfg, dims["embed_dim"], dims["text_width"], dims["text_len"], dims["n_components"])
-
-
-def train_stage(run, steps: int | None = None) -> ARPriorSampler:
-    """Fit the PCA quantizer on the train split's z_i (saved as `ar_prior/pca.pt`), then train the prior."""
-    from .clip_model import load_embeddings
-    from .stages import write_record
-    from .train import Trainer
-    cfg = run.cfg.with_steps("ar_prior", steps).ar_prior
-    clip_id = _clip_id(run)
-    emb = load_embeddings(run, "train")
+def _prepare(cfg: ARPriorConfig, ctx) -> dict:
+    emb = ctx.embeddings("train")
     quantizer = PCAQuantizer.fit(emb["image_embed"], emb["text_embed"], n_components=cfg.n_components,
                                  variance_to_keep=cfg.variance_to_keep, n_buckets=cfg.n_buckets,
                                  bucket_edges_kind=cfg.bucket_edges, dot_buckets=cfg.dot_buckets)
-    run.folder.save("ar_prior", "pca", quantizer.to_payload(), config=cfg.pca_config(),
-                    requires={"clip": clip_id})
-    dims = {"embed_dim": quantizer.embed_dim, "text_width": int(emb["text_tokens"].shape[-1]),
-            "text_len": int(run.cfg.clip.context_length), "n_components": quantizer.n_components}
+    ctx.save("pca", quantizer.to_payload(), config=cfg.pca_config())
+    return {"embed_dim": quantizer.embed_dim, "text_width": int(emb["text_tokens"].shape[-1]),
+            "text_len": int(ctx.cfg.clip.context_length), "n_components": quantizer.n_components}
+
+
+def _quantizer(cfg: ARPriorConfig, ctx) -> PCAQuantizer:
+    return PCAQuantizer.from_payload(ctx.load("pca", config=cfg.pca_config()))
+
+
+def _batches(cfg: ARPriorConfig, dims, ctx):
+    emb, quantizer, device = ctx.embeddings("train"), _quantizer(cfg, ctx), ctx.device
     codes = quantizer.encode(emb["image_embed"])                                  # [N, K]
     dot_codes = quantizer.dot_codes(emb["image_embed"], emb["text_embed"])        # [N]
-    device = run.device
 
     def get_batch(idx):
         mask = emb["text_mask"][idx]
@@ -529,108 +497,17 @@ def train_stage(run, steps: int | None = None) -> ARPriorSampler:
         return {"text_tokens": emb["text_tokens"][idx, :n].float().to(device), "text_mask": mask[:, :n].to(device),
                 "text_embed": emb["text_embed"][idx].to(device), "dot_codes": dot_codes[idx].to(device),
                 "codes": codes[idx].to(device)}
-
-    run.seed_everything()
-    model = build_model(cfg, dims)
-    config = stage_config(run, cfg, dims)
-    trainer = Trainer(model, ar_loss_fn(cfg.cond_drop_prob), get_batch, len(codes), cfg.train,
-                      run.folder.checkpoint_path("ar_prior"), stage="ar_prior", config=config,
-                      requires={"clip": clip_id}, seed=run.seed, device=device)
-    history = trainer.fit()
-    record = write_record(run, "ar_prior", config, requires={"clip": clip_id}, history=history)
-    return ARPriorSampler(trainer.ema.model, quantizer, cfg, device, history, record["id"])
+    return get_batch, len(codes)
 
 
-def load_stage(run) -> ARPriorSampler:
-    """The trained AR prior of this run (EMA weights) with its PCA quantizer."""
-    from .stages import check_requires, trained_record
-    from .train import load_checkpoint
-    record = trained_record(run, "ar_prior", "AR prior")
-    check_requires(run, "ar_prior", record)
-    cfg = ARPriorConfig.from_dict(record["config"]["ar_prior"])
-    payload, _ = run.folder.load("ar_prior", "pca", config=cfg.pca_config(), requires=record["requires"],
-                                 rebuild=f"delete {run.folder.root / 'ar_prior'} and retrain the ar_prior stage")
-    quantizer = PCAQuantizer.from_payload(payload)
-    ckpt = load_checkpoint(run.folder.checkpoint_path("ar_prior"), stage="ar_prior", config=record["config"],
-                           fix=f"delete {run.folder.root / 'ar_prior'} and retrain the ar_prior stage")
-    model = build_model(cfg, record["config"]["dims"])
-    model.load_state_dict(ckpt["ema"])
-    return ARPriorSampler(model, quantizer, cfg, run.device, record.get("history"), record["id"])
+def build_network(cfg: ARPriorConfig, dims: dict) -> ARPriorNetwork:
+    return ARPriorNetwork(cfg, dims["embed_dim"], dims["text_width"], dims["text_len"], dims["n_components"])
 
 
-# ---------------------------------------------------------------------------------------------
-# evaluation and timing
-# ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(image_embed_hat: torch.Tensor, image_embed: torch.Tensor, text_embed: torch.Tensor | None = None,
-             same: torch.Tensor | None = None) -> dict:
-    """How close predicted image embeddings are to the true ones (inputs `[N, D]`, rows paired).
-
-    cos: mean cos(z_i_hat, z_i); retrieval: fraction whose nearest of all N true z_i is their own;
-    retrieval_same: ... is one that `same [N, N]` marks as equivalent (e.g. an image of the same described
-    scene); dot_text: mean z_i_hat . z_t.
-    """
-    zh, z = F.normalize(image_embed_hat.float().cpu(), dim=-1), F.normalize(image_embed.float().cpu(), dim=-1)
-    nearest = (zh @ z.T).argmax(-1)
-    idx = torch.arange(len(z))
-    out = {"cos": float((zh * z).sum(-1).mean()), "retrieval": float((nearest == idx).float().mean())}
-    if same is not None:
-        out["retrieval_same"] = float(same[idx, nearest].float().mean())
-    if text_embed is not None:
-        out["dot_text"] = float((zh * text_embed.float().cpu()).sum(-1).mean())
-    return out
-
-
-def training_flops(transformer: nn.Module, positions: float, batch_size: int, steps: int) -> float:
-    """Training FLOPs of a prior's transformer: 6 x (weights of its linear layers) x positions processed.
-
-    Forward 2 and backward 4 FLOPs per weight and position. Left out, a few percent at toy sizes: the input
-    projections and output head (outside the shared transformer) and the attention scores (~L / 6W of it).
-    """
-    weights = sum(m.weight.numel() for m in transformer.modules() if isinstance(m, nn.Linear))
-    return 6.0 * weights * positions * batch_size * steps
-
-
-def benchmark(run, batch: int = 64, train_steps: int = 5) -> dict:
-    """Seconds per training step, and per sampled embedding with and without the KV cache."""
-    from .clip_model import load_embeddings
-    from .stages import load_or_train
-    prior = load_or_train(run, "ar_prior", verbose=False)
-    cfg, q = prior.cfg, prior.quantizer
-    emb = load_embeddings(run, "train")
-    n = min(cfg.train.batch_size, len(emb["image_embed"]))
-    idx = torch.arange(n)
-    dev = run.device
-    batch_t = {"text_tokens": emb["text_tokens"][idx].float().to(dev), "text_mask": emb["text_mask"][idx].to(dev),
-               "text_embed": emb["text_embed"][idx].to(dev),
-               "dot_codes": q.dot_codes(emb["image_embed"][idx], emb["text_embed"][idx]).to(dev),
-               "codes": q.encode(emb["image_embed"][idx]).to(dev)}
-    model = build_model(cfg, {"embed_dim": q.embed_dim, "text_width": emb["text_tokens"].shape[-1],
-                              "text_len": prior.model.text_len, "n_components": q.n_components}).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    loss_fn, g = ar_loss_fn(cfg.cond_drop_prob), torch.Generator(device=dev).manual_seed(0)
-    times = []
-    for i in range(train_steps + 1):  # the first step warms up
-        t0 = time.perf_counter()
-        loss, _ = loss_fn(model, batch_t, g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-    b = min(batch, n)
-    args = (emb["text_embed"][:b], emb["text_tokens"][:b], emb["text_mask"][:b])
-    out = {"train_step_s": float(np.median(times)), "batch_size": n, "sample_batch": b,
-           "n_components": q.n_components}
-    prior.sample(*(a[:2] for a in args), generator=torch.Generator().manual_seed(0))  # warm-up
-    for name, cache in (("cache", True), ("no_cache", False)):
-        t0 = time.perf_counter()
-        prior.sample(*args, generator=torch.Generator().manual_seed(0), use_cache=cache)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        out[f"sample_s_per_embed_{name}"] = (time.perf_counter() - t0) / b
-    out["cache_speedup"] = out["sample_s_per_embed_no_cache"] / out["sample_s_per_embed_cache"]
-    return out
+SPEC = StageSpec(
+    name="ar_prior", needs=("clip",), notebook="05_ar_prior",
+    about="caption -> CLIP image embedding as PCA-quantized codes, autoregressively",
+    prepare=_prepare, batches=_batches, build=build_network,
+    loss=lambda cfg, dims, ctx: ar_loss_fn(cfg.cond_drop_prob),
+    wrap=lambda network, cfg, dims, ctx: ARPrior(network, _quantizer(cfg, ctx), cfg, ctx.device),
+    sampling_fields=("guidance_scale", "temperature", "dot_percentile"))

@@ -204,10 +204,3 @@ class RunFolder:
         record = {"name": name, "preset": self.preset, **context, "code_version": code_version(),
                   "created": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
         return atomic_write_json(record, self.path("metrics", f"{name}.json"))
-
-    def load_metrics(self) -> dict[str, dict]:
-        """Every metrics record in the run folder, by name (sorted)."""
-        out = {}
-        for f in sorted((self.root / "metrics").glob("*.json")):
-            out[f.stem] = json.loads(f.read_text())
-        return out

@@ -32,8 +32,8 @@ from .progress import tqdm
 
 from .artifacts import atomic_torch_save, atomic_write_json
 from .config import PresetConfig, check, check_positive
-from .errors import ArtifactError, CaptionTooLong, CheckpointError, ConfigError, DataError
-from .train import TrainConfig
+from .errors import CaptionTooLong, CheckpointError, ConfigError, DataError
+from .train import StageSpec, TrainConfig
 
 VOCAB_SIZE = 49408  # open_clip's BPE vocabulary (the tokenizer is shared by every architecture here)
 
@@ -214,9 +214,10 @@ def load_local_dir(folder, device="cpu"):
 class ClipEncoder:
     """A frozen CLIP: captions -> (z_t, token features), images -> z_i. Batched, no_grad, device-aware."""
 
-    def __init__(self, model, tokenizer, preprocess: dict, cfg: ClipConfig, device="cpu", name="clip"):
+    def __init__(self, model, tokenizer, preprocess: dict, cfg: ClipConfig, device="cpu"):
         self.model = model.to(device).eval().requires_grad_(False)
-        self.tokenizer, self.cfg, self.device, self.name = tokenizer, cfg, torch.device(device), name
+        self.tokenizer, self.cfg, self.device = tokenizer, cfg, torch.device(device)
+        self.record = None  # the stage record, when it came from a run folder (stages.load_or_train)
         self.mean = torch.tensor(preprocess["mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(preprocess["std"], device=device).view(1, 3, 1, 1)
         self.image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) \
@@ -264,9 +265,6 @@ class ClipEncoder:
             outs.append(F.normalize(self.model.encode_image(self.prepare_images(chunk)).float(), dim=-1))
         return torch.cat(outs)
 
-    def id(self) -> str:
-        return self.name
-
 
 def tokenize(tokenizer, captions, context_length: int) -> torch.Tensor:
     """open_clip tokens `[B, L]`, refusing empty captions and captions that would be truncated."""
@@ -305,17 +303,21 @@ def text_features(model, tokens: torch.Tensor):
 # ---------------------------------------------------------------------------------------------
 
 def contrastive_loss_fn():
-    """loss_fn for `train.Trainer`: open_clip's symmetric InfoNCE over a batch of (image, caption) pairs."""
+    """loss_fn for `train.Trainer`: open_clip's symmetric InfoNCE over a batch of (image, caption) pairs.
+
+    The model is called through its forward (so a DistributedDataParallel wrapper averages the gradients),
+    and under torchrun the loss sees the negatives of every process (`ClipLoss(gather_with_grad=True)`).
+    """
     import open_clip
-    loss = open_clip.ClipLoss()
+    from .train import dist_info
+    rank, world = dist_info()
+    loss = open_clip.ClipLoss(gather_with_grad=True, rank=rank, world_size=world)
 
     def fn(model, batch, generator):
         images, tokens = batch
-        m = model.module if hasattr(model, "module") else model
-        img = F.normalize(m.encode_image(images), dim=-1)
-        txt = F.normalize(m.encode_text(tokens), dim=-1)
-        scale = m.logit_scale.exp()
+        img, txt, scale = model(images, tokens)[:3]        # unit-norm features [b, D], exp(logit scale)
         value = loss(img, txt, scale)
+        m = model.module if hasattr(model, "module") else model
         with torch.no_grad():  # keep the temperature in CLIP's range (logit scale <= 100)
             m.logit_scale.clamp_(0, 4.6052)
         return value, {"scale": scale.item()}
@@ -359,59 +361,49 @@ def recall_at_1(text_embed: torch.Tensor, image_embed: torch.Tensor, same=None) 
 SPLITS = ("train", "val", "heldout")
 
 
-def stage_config(run) -> dict:
-    """Everything that determines the trained CLIP (recorded with it)."""
-    return {"clip": run.cfg.clip.to_dict(), "data": run.cfg.data.to_dict(), "seed": run.seed}
-
-
-def train_stage(run, steps: int | None = None) -> ClipEncoder:
-    """Train the CLIP on the toy world (or load the named pretrained one), export it, cache embeddings."""
-    from .stages import write_record
-    from .train import Trainer
+def _batches(cfg: ClipConfig, dims, ctx):
     from .data import to_float
-    cfg = run.cfg.with_steps("clip", steps).clip
-    folder = run.folder.path("clip", "open_clip")
-    history = None
+    import open_clip
+    ds = ctx.dataset("train")
+    images = ds.images(progress=False)
+    tokens = tokenize(open_clip.get_tokenizer(register_architecture(cfg)), ds.captions(), cfg.context_length)
+    device = ctx.device
+
+    def get_batch(idx):
+        return to_float(images[idx]).to(device), tokens[idx].to(device)
+    return get_batch, len(images)
+
+
+def _build(cfg: ClipConfig, dims):
+    return create_clip(cfg)[0]  # random weights (seeded by the caller): same seed -> same CLIP
+
+
+def _pretrained(cfg: ClipConfig, ctx):
+    return None if cfg.trainable else create_clip(cfg, ctx.device)[0]
+
+
+def _wrap(model, cfg: ClipConfig, dims, ctx) -> ClipEncoder:
+    import open_clip
+    pre = CUSTOM_PREPROCESS if cfg.arch == "custom" else \
+        {"mean": list(model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN),
+         "std": list(model.visual.image_std or open_clip.OPENAI_DATASET_STD)}
+    return ClipEncoder(model, open_clip.get_tokenizer(register_architecture(cfg)), pre, cfg, ctx.device)
+
+
+def _finish(encoder: ClipEncoder, cfg: ClipConfig, dims, ctx) -> dict:
+    """Export a CLIP trained here as an open_clip `local-dir:` folder, and cache every split's embeddings."""
     if cfg.trainable:
-        ds = run.dataset("train")
-        images = ds.images(progress=False)
-        run.seed_everything()
-        model, tokenizer, _ = create_clip(cfg)  # initialised after seeding: same seed -> same CLIP
-        tokens = tokenize(tokenizer, ds.captions(), cfg.context_length)
-        device = run.device
-
-        def get_batch(idx):
-            return to_float(images[idx]).to(device), tokens[idx].to(device)
-
-        config = {**stage_config(run), "clip": cfg.to_dict()}
-        trainer = Trainer(model, contrastive_loss_fn(), get_batch, len(images), cfg.train,
-                          run.folder.checkpoint_path("clip"), stage="clip", config=config, seed=run.seed,
-                          device=device)
-        history = trainer.fit()
-        export_local_dir(trainer.ema.model, cfg, folder)
-        encoder = ClipEncoder(*load_local_dir(folder, device), cfg, device)
-    else:
-        encoder = ClipEncoder(*create_clip(cfg, run.device), cfg, run.device)
-        config = stage_config(run)
-    embeddings = {split: embed_dataset(encoder, run.dataset(split)) for split in SPLITS}
-    record = write_record(run, "clip", config, history=history)
-    run.folder.save("clip", "embeddings", embeddings, config=config, requires={"clip": record["id"]})
-    encoder.name = record["id"]
-    return encoder
+        export_local_dir(encoder.model, cfg, ctx.folder / "open_clip")
+    present = [s for s in SPLITS if len(ctx.dataset(s)) > 0 or s == "train"]
+    embeddings = {split: embed_dataset(encoder, ctx.dataset(split)) for split in present}
+    ctx.save("embeddings", embeddings, config={}, requires={"clip": ctx.id})
+    return {}
 
 
-def load_stage(run) -> ClipEncoder:
-    """The trained (or named) CLIP of this run, loaded through open_clip."""
-    from .stages import trained_record
-    record = trained_record(run, "clip", "CLIP")
-    cfg = ClipConfig.from_dict(record["config"]["clip"])
-    if cfg.trainable:
-        encoder = ClipEncoder(*load_local_dir(run.folder.root / "clip" / "open_clip", run.device), cfg,
-                              run.device)
-    else:
-        encoder = ClipEncoder(*create_clip(cfg, run.device), cfg, run.device)
-    encoder.name = record["id"]
-    return encoder
+SPEC = StageSpec(
+    name="clip", needs=(), notebook="02_clip", about="contrastive text-image encoder + cached embeddings",
+    build=_build, batches=_batches, loss=lambda cfg, dims, ctx: contrastive_loss_fn(), wrap=_wrap,
+    finish=_finish, pretrained=_pretrained)
 
 
 def embed_dataset(encoder: ClipEncoder, dataset, batch_size: int = 1024) -> dict:
@@ -427,14 +419,3 @@ def embed_dataset(encoder: ClipEncoder, dataset, batch_size: int = 1024) -> dict
             "tokens": text["tokens"][:, :length].to(torch.int32),
             "text_tokens": text["text_tokens"][:, :length].half().cpu(),
             "text_mask": text["text_mask"][:, :length].cpu()}
-
-
-def load_embeddings(run, split: str = "train") -> dict:
-    """The cached embeddings of `split`, refused if they were made by another CLIP than the current."""
-    from .stages import trained_record
-    record = trained_record(run, "clip", "CLIP")
-    payload, _ = run.folder.load("clip", "embeddings", requires={"clip": record["id"]},
-                                 rebuild=f"delete {run.folder.root / 'clip'} and retrain the clip stage")
-    if split not in payload:
-        raise ArtifactError(f"the embeddings cache has no split {split!r}; valid: {', '.join(payload)}")
-    return payload[split]

@@ -17,7 +17,6 @@ Override a field with `cfg.replace(field=value)`; unknown fields and invalid val
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import typing
 
@@ -108,11 +107,6 @@ class PresetConfig:
             raise ConfigError(f"{cls.__name__} has no field {unknown[0]!r} (a config from another "
                               f"version of the code?); valid fields: {', '.join(sorted(names))}")
         return cls(**{k: _coerce(hints[k], v) for k, v in d.items()})
-
-    def fingerprint(self) -> str:
-        """Short hash of the config, used to tie artifacts to the config that made them."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def _coerce(hint, value):

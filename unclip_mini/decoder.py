@@ -20,20 +20,9 @@ paper's comparison "GLIDE" (a caption-only decoder). Both are stages: "decoder" 
 
 Recipe per preset. `paper` is Table 3's 64 px decoder: eps-prediction with a learned variance and the
 hybrid loss (Improved DDPM), 1000 cosine steps, 250 sampling steps. Below `paper` the variance is fixed and
-sampling uses DDIM: DESIGN.md measured on 2 CPU cores that eps-prediction leaves coloured noise after the few
-hundred steps a CPU affords, while v-prediction (`small`) gets colour and position right in the same steps,
-and a learned variance only pays off with many sampling steps. `toy` predicts x0: on the toy decoder it
-learned shapes faster than v (held-out single-object reconstructions with every attribute right, same
-recipe otherwise: 44% vs 27% after 1000 steps, 63% vs 44% after 1500; CPU, 1 thread, 64 images).
-
-Toy's step count comes from this curve (x0, constant lr 1e-3, batch 32; reconstructions from z_i alone,
-guidance 3, DDIM 25, single-object scenes with every attribute right; 200 held-out and 160 val scenes; CPU, 1
-thread, ~0.31 s/step): held-out / val 74% / 84% at 2000 steps, 84% / 89% at 3000, 88% / 91% at 4000, 91% / 92%
-at 5000, 91% / 94% at 6000 (so toy trains 6000). Colour and cell are ~100% from 2000 steps on; the shape is
-what the steps buy. Tried at 2000 steps and worse: a cosine decay of the lr (65% / 83%, though its loss was
-lower), attention also at 16 px with the cosine decay (64% / 78%), lr 2e-3 (72% / 76%). A 48-channel U-Net
-(1.75x the time per step) was better per step but no better per CPU-second; no pixel unshuffle costs 3x per
-step.
+sampling uses DDIM with few steps, and the toy decoder predicts x0: on two CPU cores eps-prediction leaves
+coloured noise after the few thousand steps a CPU affords. The measured curves behind the toy recipe are in
+the README's measurements table.
 
 What we change for the CPU: below `paper` the 49k-row token table is factorised (a narrow table and a
 Linear, `token_dim`), because its dense gradient, optimizer and EMA updates cost more than the text
@@ -42,21 +31,17 @@ text context of 256 (the caption here is the CLIP's own token ids, so it has the
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import gaussian_diffusion as gd
 from .config import PresetConfig, check, check_choice, check_positive, check_range
 from .errors import ArtifactError, ConfigError, DataError
-from .gaussian_diffusion import DiffusionConfig, classifier_free_guidance, create_diffusion
-from .train import TrainConfig
+from .gaussian_diffusion import DiffusionConfig, create_diffusion
+from .train import StageSpec, TrainConfig
 from .transformer import Transformer
 from .unet import UNetConfig, UNetModel, count_parameters
 
@@ -207,7 +192,7 @@ class Decoder(nn.Module):
             self.image_to_emb = nn.Linear(cfg.clip_dim, emb_dim)          # z_i -> the timestep embedding
             self.image_to_tokens = nn.Linear(cfg.clip_dim, cfg.n_image_tokens * width)  # z_i -> 4 tokens
         self.diffusion = create_diffusion(cfg.diffusion)                 # the training chain (no weights)
-        self.record = None  # set by load_stage: the stage record (id, history, ...)
+        self.record = None  # the stage record, when it came from a run folder (stages.load_or_train)
 
     # -- conditioning ------------------------------------------------------------------------
     def check_condition(self, image_embed, tokens, batch: int | None = None) -> int:
@@ -236,18 +221,27 @@ class Decoder(nn.Module):
                             f"caption per image")
         return sizes.pop() if sizes else 0
 
-    def condition(self, image_embed=None, tokens=None, batch: int | None = None) -> dict:
-        """The U-Net's conditioning: dict(emb [B, E], context [B, L(+4), W], context_mask [B, L(+4)])."""
+    def condition(self, image_embed=None, tokens=None, batch: int | None = None, drop=None) -> dict:
+        """The U-Net's conditioning: dict(emb [B, E], context [B, L(+4), W], context_mask [B, L(+4)]).
+
+        `drop` [B] bool (classifier-free guidance's null rows): those rows get the empty caption and z_i = 0,
+        the null condition the decoder was trained with.
+        """
         b = self.check_condition(image_embed, tokens, batch)
         device = self.text_to_emb.weight.device
         if tokens is None:
             tokens = torch.zeros(b, 1, dtype=torch.long, device=device)  # the empty caption
-        text_tokens, text_mask, pooled = self.text(tokens.to(device).long())
+        tokens = tokens.to(device).long()
+        if drop is not None:
+            tokens = tokens.masked_fill(drop.to(device)[:, None], 0)
+        text_tokens, text_mask, pooled = self.text(tokens)
         emb = self.text_to_emb(pooled)                                   # [B, E]
         context, mask = text_tokens, text_mask
         if self.cfg.use_image_embed:
             z = torch.zeros(b, self.cfg.clip_dim, device=device) if image_embed is None \
                 else image_embed.to(device).float()
+            if drop is not None:
+                z = z * (~drop.to(device))[:, None]
             # z_i is unit-norm, so its entries are ~1/sqrt(D): scale them to unit size, as a Linear expects
             z = z * math.sqrt(self.cfg.clip_dim)
             emb = emb + self.image_to_emb(z)
@@ -266,21 +260,44 @@ class Decoder(nn.Module):
 
     # -- training ------------------------------------------------------------------------------
     def training_losses(self, x_start, image_embed, tokens, generator=None) -> dict:
-        """Per-example losses [B] with guidance dropout: z_i zeroed w.p. p_drop_image, caption dropped w.p.
-        p_drop_text (independently); all randomness (steps, noise, dropout) from `generator`."""
-        cfg, b, dev = self.cfg, x_start.shape[0], x_start.device
-        gdev = generator.device if generator is not None else dev
-        t = self.diffusion.sample_timesteps(b, generator, dev)
-        noise = torch.randn(x_start.shape, generator=generator, device=gdev).to(dev)
-        drop_text = torch.rand(b, generator=generator, device=gdev).to(dev) < cfg.p_drop_text
-        tokens = tokens.masked_fill(drop_text[:, None], 0)                # dropped = the empty caption
-        kwargs = {"tokens": tokens}
-        if cfg.use_image_embed:
-            drop_image = torch.rand(b, generator=generator, device=gdev).to(dev) < cfg.p_drop_image
-            kwargs["image_embed"] = image_embed * (~drop_image)[:, None]  # dropped = z_i set to zero
-        return self.diffusion.training_losses(self, x_start, t, model_kwargs=kwargs, noise=noise)
+        """Per-example losses [B] with guidance dropout (see `training_losses` below)."""
+        return training_losses(self, x_start, image_embed, tokens, generator)
 
     # -- sampling ------------------------------------------------------------------------------
+    def _guided_model(self, image_embed, tokens, guidance_scale, batch: int | None):
+        """(model_fn(x_t, t), b): the U-Net under a fixed condition, guided when the scale is not 1.
+
+        The caption encoder and the z_i projections run once here, not at every sampling step (as GLIDE
+        does): the condition does not change along the chain.
+        """
+        cfg = self.cfg
+        b = self.check_condition(image_embed, tokens, batch)
+        if b == 0:
+            raise DataError("sample() needs image_embed=, tokens= or noise= to know how many images to make")
+        scale = cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if scale < 0:
+            raise ConfigError(f"guidance_scale = {scale} must be >= 0 (1 = no guidance, 0 = unconditional)")
+        device = self.text_to_emb.weight.device
+        tokens = torch.zeros(b, 1, dtype=torch.long, device=device) if tokens is None else tokens.to(device).long()
+        z = None
+        if cfg.use_image_embed:
+            z = torch.zeros(b, cfg.clip_dim, device=device) if image_embed is None else image_embed.to(device).float()
+        if scale == 1.0:
+            cond = self.condition(z, tokens)
+            return (lambda x, t: self.unet(x, t, **cond)), b
+        rows = (z, tokens) if z is not None else (tokens,)
+        *rows, drop = gd.with_null_rows(*rows)            # [conditional rows; null rows]
+        z2, tok2 = (rows[0], rows[1]) if z is not None else (None, rows[0])
+        cond = self.condition(z2, tok2, drop=drop)
+        fn = lambda x, t: self.unet(x, t, **cond)
+        return gd.classifier_free_guidance(fn, scale, guided_channels=3 if cfg.unet.learn_sigma else None), b
+
+    def _chain(self, steps):
+        steps = self.cfg.sample_steps if steps is None else int(steps)
+        if not 2 <= steps <= self.cfg.diffusion.timesteps:  # a respaced chain needs 2 steps (gaussian_diffusion.respace)
+            raise ConfigError(f"steps = {steps} must be in 2..{self.cfg.diffusion.timesteps} (the training chain)")
+        return create_diffusion(self.cfg.diffusion, respacing=str(steps)).to(self.text_to_emb.weight.device)
+
     @torch.no_grad()
     def sample(self, image_embed=None, tokens=None, guidance_scale=None, steps=None, generator=None,
                noise=None, eta: float = 0.0, progress: bool = False) -> torch.Tensor:
@@ -291,41 +308,49 @@ class Decoder(nn.Module):
         noise: x_T [B, 3, H, W] (fixes the sample); else drawn from `generator`. eta: DDIM's eta.
         """
         cfg = self.cfg
-        b = self.check_condition(image_embed, tokens, None if noise is None else noise.shape[0])
-        if b == 0:
-            raise DataError("sample() needs image_embed=, tokens= or noise= to know how many images to make")
-        scale = cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
-        if scale < 0:
-            raise ConfigError(f"guidance_scale = {scale} must be >= 0 (1 = no guidance, 0 = unconditional)")
-        steps = cfg.sample_steps if steps is None else int(steps)
-        if not 2 <= steps <= cfg.diffusion.timesteps:  # a respaced chain needs 2 steps (gaussian_diffusion.respace)
-            raise ConfigError(f"steps = {steps} must be in 2..{cfg.diffusion.timesteps} (the training chain)")
+        model, b = self._guided_model(image_embed, tokens, guidance_scale, None if noise is None else noise.shape[0])
+        diffusion = self._chain(steps)
         device = self.text_to_emb.weight.device
-        if tokens is None:
-            tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
-        tokens = tokens.to(device).long()
-        kwargs = {"tokens": tokens}
-        if cfg.use_image_embed:
-            kwargs["image_embed"] = (torch.zeros(b, cfg.clip_dim, device=device) if image_embed is None
-                                     else image_embed.to(device).float())
-        model = self
-        if scale != 1.0:  # one doubled batch: [conditional rows; null rows]
-            kwargs = {k: torch.cat([v, torch.zeros_like(v)]) for k, v in kwargs.items()}
-            model = classifier_free_guidance(self, scale, guided_channels=3 if cfg.unet.learn_sigma else None)
-        diffusion = create_diffusion(cfg.diffusion, respacing=str(steps)).to(device)
         shape = (b, 3, cfg.image_size, cfg.image_size)
         was_training = self.training
         self.eval()
         try:
             if cfg.sampler == "ddim":
-                out = diffusion.ddim_sample_loop(model, shape, noise=noise, model_kwargs=kwargs, progress=progress,
-                                                 generator=generator, device=device, eta=eta)
+                out = diffusion.ddim_sample_loop(model, shape, noise=noise, progress=progress, generator=generator,
+                                                 device=device, eta=eta)
             else:
-                out = diffusion.p_sample_loop(model, shape, noise=noise, model_kwargs=kwargs, progress=progress,
-                                              generator=generator, device=device)
+                out = diffusion.p_sample_loop(model, shape, noise=noise, progress=progress, generator=generator,
+                                              device=device)
         finally:
             self.train(was_training)
         return out.clamp(-1, 1)
+
+    @torch.no_grad()
+    def invert(self, images, image_embed=None, tokens=None, steps=None, guidance_scale=None,
+               progress: bool = False) -> torch.Tensor:
+        """DDIM inversion: the x_T [B, 3, H, W] that DDIM (eta = 0) decodes back into `images` [B, 3, H, W].
+
+        It runs the same guided model under the same condition (z_i, caption, scale) as `sample`, on the
+        same respaced chain, so `sample(image_embed, tokens, noise=invert(images, image_embed, tokens))`
+        reconstructs `images` up to the ODE's discretisation error: the x_T of unCLIP's bipartite latent
+        (z_i, x_T), §3.
+        """
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3 \
+                or tuple(images.shape[2:]) != (self.cfg.image_size,) * 2:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise DataError(f"images must be float [B, 3, {self.cfg.image_size}, {self.cfg.image_size}] in [-1, 1] "
+                            f"(the decoder's resolution), got {shape}: resize them first")
+        if not images.is_floating_point():
+            raise DataError("images are integers; invert() takes float images in [-1, 1]: use data.to_float")
+        model, _ = self._guided_model(image_embed, tokens, guidance_scale, images.shape[0])
+        diffusion = self._chain(steps)
+        was_training = self.training
+        self.eval()
+        try:
+            return diffusion.ddim_reverse_sample_loop(model, images.to(self.text_to_emb.weight.device).float(),
+                                                      progress=progress)
+        finally:
+            self.train(was_training)
 
     def num_parameters(self, embeddings: bool = True) -> int:
         """Parameter count (optionally without the token-embedding table, which costs a lookup only)."""
@@ -333,234 +358,73 @@ class Decoder(nn.Module):
         return n if embeddings else n - self.text.token_embedding.weight.numel()
 
 
-# ---------------------------------------------------------------------------------------------
-# the stages: "decoder" (z_i + caption) and "glide" (caption only)
-# ---------------------------------------------------------------------------------------------
+def training_losses(model, x_start, image_embed, tokens, generator=None) -> dict:
+    """Per-example losses [B] of the decoder with guidance dropout (unCLIP §2.1): z_i zeroed w.p.
+    p_drop_image, the caption dropped w.p. p_drop_text (independently); all randomness (steps, noise,
+    dropout) from `generator`.
+
+    `model` is a Decoder or a wrapper whose forward is the decoder's (DistributedDataParallel): the loss
+    calls its forward, so a wrapper sees (and synchronises) every gradient.
+    """
+    dec = model.module if hasattr(model, "module") else model
+    cfg, b, dev = dec.cfg, x_start.shape[0], x_start.device
+    gdev = generator.device if generator is not None else dev
+    t = dec.diffusion.sample_timesteps(b, generator, dev)
+    noise = torch.randn(x_start.shape, generator=generator, device=gdev).to(dev)
+    drop_text = torch.rand(b, generator=generator, device=gdev).to(dev) < cfg.p_drop_text
+    kwargs = {"tokens": tokens.masked_fill(drop_text[:, None], 0)}    # dropped = the empty caption
+    if cfg.use_image_embed:
+        drop_image = torch.rand(b, generator=generator, device=gdev).to(dev) < cfg.p_drop_image
+        kwargs["image_embed"] = image_embed * (~drop_image)[:, None]  # dropped = z_i set to zero
+    return dec.diffusion.training_losses(model, x_start, t, model_kwargs=kwargs, noise=noise)
+
 
 def loss_fn(model, batch, generator):
     """loss_fn for `train.Trainer`: the diffusion loss with guidance dropout, averaged over the batch."""
     x, image_embed, tokens = batch
-    m = model.module if hasattr(model, "module") else model
-    terms = m.training_losses(x, image_embed, tokens, generator)
+    terms = training_losses(model, x, image_embed, tokens, generator)
     logs = {"mse": terms["mse"].mean().item()}
     if "vb" in terms:
         logs["vb"] = terms["vb"].mean().item()
     return terms["loss"].mean(), logs
 
 
-def stage_config(run, name: str = "decoder", steps: int | None = None) -> dict:
-    """Everything that determines a trained decoder/baseline (recorded with it)."""
-    cfg = getattr(run.cfg.with_steps(name, steps), name)
-    return {name: cfg.to_dict(), "data": run.cfg.data.to_dict(), "seed": run.seed}
+# ---------------------------------------------------------------------------------------------
+# the stages: "decoder" (z_i + caption) and "glide" (caption only)
+# ---------------------------------------------------------------------------------------------
 
-
-def _train(run, name: str, steps: int | None) -> Decoder:
-    from .clip_model import load_embeddings
-    from .data import to_float
-    from .stages import read_record, write_record
-    from .train import Trainer
-
-    cfg = getattr(run.cfg.with_steps(name, steps), name)
-    clip = read_record(run, "clip")
-    if clip is None:
-        raise ArtifactError(f"stage {name!r} needs a trained CLIP in {run.folder.root}: call "
-                            f"stages.load_or_train(run, 'clip') first (notebook 02_clip)")
-    emb = load_embeddings(run, "train")
-    ds = run.dataset("train")
-    images = ds.images()                                                 # uint8 [N, 3, R, R]
-    if emb["image_embed"].shape[1] != cfg.clip_dim:
-        raise ConfigError(f"{name}.clip_dim = {cfg.clip_dim} but this run's CLIP embeds to "
-                          f"{emb['image_embed'].shape[1]} dims: set clip_dim to the CLIP's embed_dim")
-    if images.shape[-1] != cfg.image_size:
-        raise ConfigError(f"the {run.preset} images are {images.shape[-1]} px but {name}.unet.image_size = "
+def _prepare(cfg: DecoderConfig, ctx) -> dict:
+    emb = ctx.embeddings("train")
+    if cfg.use_image_embed and emb["image_embed"].shape[1] != cfg.clip_dim:
+        raise ConfigError(f"clip_dim = {cfg.clip_dim} but this run's CLIP embeds to {emb['image_embed'].shape[1]} "
+                          f"dims: set the decoder's clip_dim to the CLIP's embed_dim")
+    if ctx.cfg.data.resolution != cfg.image_size:
+        raise ConfigError(f"the {ctx.cfg.preset} images are {ctx.cfg.data.resolution} px but unet.image_size = "
                           f"{cfg.image_size}: make them equal (DataConfig.resolution)")
+    return {}
+
+
+def _batches(cfg: DecoderConfig, dims, ctx):
+    from .data import to_float
+    emb, images = ctx.embeddings("train"), ctx.dataset("train").images()   # uint8 [N, 3, R, R]
     if len(images) != len(emb["image_embed"]):
         raise ArtifactError(f"the train split has {len(images)} images but the CLIP cache {len(emb['image_embed'])}"
-                            f" rows: delete {run.folder.root / 'clip'} and retrain the clip stage")
-    image_embed, tokens, device = emb["image_embed"].float(), emb["tokens"].long(), run.device
+                            f" rows: retrain the clip stage (delete its folder in the run folder)")
+    image_embed, tokens, device = emb["image_embed"].float(), emb["tokens"].long(), ctx.device
 
     def get_batch(idx):
         return to_float(images[idx]).to(device), image_embed[idx].to(device), tokens[idx].to(device)
-
-    run.seed_everything()
-    model = Decoder(cfg)  # initialised after seeding: same seed -> same weights
-    config = stage_config(run, name, steps)
-    requires = {"clip": clip["id"]}
-    trainer = Trainer(model, loss_fn, get_batch, len(images), cfg.train, run.folder.checkpoint_path(name),
-                      stage=name, config=config, requires=requires, seed=run.seed, device=device)
-    history = trainer.fit()
-    seconds = history["seconds"][-1] if history["seconds"] else 0.0
-    record = write_record(run, name, config, requires=requires, history=history,
-                          parameters=model.num_parameters(), parameters_no_embedding=model.num_parameters(False),
-                          train_seconds=seconds)
-    out = trainer.ema.model.eval()
-    out.record = record
-    return out
+    return get_batch, len(images)
 
 
-def _load(run, name: str) -> Decoder:
-    from .stages import check_requires, trained_record
-    from .train import load_checkpoint
-    record = trained_record(run, name)
-    check_requires(run, name, record)
-    cfg = DecoderConfig.from_dict(record["config"][name])
-    ckpt = load_checkpoint(run.folder.checkpoint_path(name), stage=name, config=record["config"],
-                           fix=f"delete {run.folder.root / name} and retrain the {name} stage")
-    model = Decoder(cfg)
-    model.load_state_dict(ckpt["ema"])
-    model = model.to(run.device).eval().requires_grad_(False)
-    model.record = record
-    return model
+def _spec(name: str, about: str) -> StageSpec:
+    return StageSpec(
+        name=name, needs=("clip",), notebook="06_decoder", about=about, prepare=_prepare, batches=_batches,
+        build=lambda cfg, dims: Decoder(cfg), loss=lambda cfg, dims, ctx: loss_fn,
+        wrap=lambda network, cfg, dims, ctx: network.to(ctx.device).eval().requires_grad_(False),
+        finish=lambda model, cfg, dims, ctx: {"parameters_no_embedding": model.num_parameters(False)},
+        sampling_fields=("guidance_scale", "sampler", "sample_steps"))
 
 
-def train_stage(run, steps: int | None = None) -> Decoder:
-    """Train the decoder (z_i + caption -> image) on the train split; returns the EMA model."""
-    return _train(run, "decoder", steps)
-
-
-def load_stage(run) -> Decoder:
-    """The trained decoder of this run (EMA weights, eval mode)."""
-    return _load(run, "decoder")
-
-
-def train_glide(run, steps: int | None = None) -> Decoder:
-    """Train the GLIDE-style baseline (caption -> image) on the train split; returns the EMA model."""
-    return _train(run, "glide", steps)
-
-
-def load_glide(run) -> Decoder:
-    """The trained GLIDE-style baseline of this run (EMA weights, eval mode)."""
-    return _load(run, "glide")
-
-
-# ---------------------------------------------------------------------------------------------
-# speed: our decoder U-Net vs the peer implementation (lucidrains' dalle2-pytorch `Unet`)
-# ---------------------------------------------------------------------------------------------
-
-PEER_SCRIPT = Path(__file__).with_name("peer_bench.py")  # standalone: runs in the peer's own venv
-PEER_PYTHON = os.environ.get("UNCLIP_PEER_PYTHON", "/tmp/peer/bin/python")
-
-
-def _time(fn, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of `fn()` over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def time_decoder(cfg: DecoderConfig, batch_size: int, repeats: int = 5, threads: int | None = None,
-                 device="cpu") -> dict:
-    """Seconds per training step (forward + backward + AdamW) and per sampling step (no_grad forward of a
-    guided, doubled batch) of a fresh decoder of config `cfg` on random inputs."""
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = Decoder(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    b, s = batch_size, cfg.image_size
-    x = torch.randn(b, 3, s, s, device=device)
-    z = nn.functional.normalize(torch.randn(b, cfg.clip_dim, device=device), dim=-1) \
-        if cfg.use_image_embed else None
-    tokens = torch.zeros(b, 12, dtype=torch.long, device=device)
-    tokens[:, :11] = torch.randint(1, 40000, (b, 11))
-    tokens[:, 11] = CLIP_VOCAB_SIZE - 1                                # an end-of-text id
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        loss = model.training_losses(x, z, tokens, g)["loss"].mean()
-        loss.backward()
-        opt.step()
-
-    guided = classifier_free_guidance(model, 3.0)
-    kw = {"tokens": torch.cat([tokens, torch.zeros_like(tokens)])}
-    if z is not None:
-        kw["image_embed"] = torch.cat([z, torch.zeros_like(z)])
-    t = torch.full((b,), 500, device=device)
-
-    def sample_step():
-        with torch.no_grad():
-            guided(x, t, **kw)
-
-    model.train()
-    train_s = _time(train_step, repeats)
-    model.eval()
-    sample_s = _time(sample_step, repeats)
-    return {"train_step_s": train_s, "sample_step_s": sample_s, "batch_size": b, "image_size": s,
-            "parameters": model.num_parameters(), "parameters_no_embedding": model.num_parameters(False),
-            "unet_parameters": count_parameters(model.unet), "threads": torch.get_num_threads()}
-
-
-def benchmark(run, peer: bool = False, batch_size: int | None = None, repeats: int = 5, rounds: int = 3,
-              threads: int = 1) -> dict:
-    """Time this run's decoder (training step, guided sampling step); with `peer`, also dalle2-pytorch's
-    `Unet` at the same parameter count (the token table excluded: a lookup costs nothing) and resolution,
-    run by PEER_SCRIPT in the peer's own venv (`$UNCLIP_PEER_PYTHON`, default /tmp/peer/bin/python).
-    Ours and the peer's alternate for `rounds` rounds and each keeps its fastest round: on a shared CPU
-    the minimum is the least disturbed measurement. `python -m unclip_mini bench decoder` writes the result,
-    with the machine it ran on, to `<run>/bench/decoder.json`.
-
-    The peer is installed only for this: `python -m venv /tmp/peer && /tmp/peer/bin/pip install
-    torch==2.14.1 torchvision==0.29.1 dalle2-pytorch`. Timings on a shared CPU are rough.
-    """
-    cfg = run.cfg.decoder
-    b = batch_size or cfg.train.batch_size
-    device = "cpu" if run.device.type == "cpu" else str(run.device)
-    if peer and not Path(PEER_PYTHON).exists():
-        raise ConfigError(f"the peer's python {PEER_PYTHON} does not exist: create its venv with `python -m "
-                          f"venv /tmp/peer && /tmp/peer/bin/pip install torch==2.14.1 torchvision==0.29.1 "
-                          f"dalle2-pytorch`, or set UNCLIP_PEER_PYTHON")
-    # the same decoder without the pixel unshuffle: how much of the speed is the unshuffle's
-    plain = cfg.replace(unet=cfg.unet.replace(pixel_unshuffle=1)) if cfg.unet.pixel_unshuffle > 1 else None
-    runs = {"ours": [], "ours_no_unshuffle": [], "peer": []}
-    old_threads = torch.get_num_threads()
-    dim = None
-    try:
-        for _ in range(rounds):
-            runs["ours"].append(time_decoder(cfg, b, repeats, threads, device))
-            if plain is not None:
-                runs["ours_no_unshuffle"].append(time_decoder(plain, b, repeats, threads, device))
-            if peer:
-                runs["peer"].append(_run_peer(runs["ours"][0]["parameters_no_embedding"], cfg, b, repeats, threads,
-                                              device, dim))
-                dim = runs["peer"][0]["dim"]
-    finally:
-        torch.set_num_threads(old_threads)
-
-    def best(rows):
-        if not rows:
-            return None
-        out = dict(rows[0])
-        for key in ("train_step_s", "sample_step_s"):
-            out[key] = min(r[key] for r in rows)
-            out[key + "_all_rounds"] = [r[key] for r in rows]
-        return out
-
-    ours, ours_plain, theirs = best(runs["ours"]), best(runs["ours_no_unshuffle"]), best(runs["peer"])
-    result = {"preset": run.preset, "device": device, "rounds": rounds, "ours": ours, "ours_no_unshuffle": ours_plain}
-    if theirs is not None:
-        result["peer"] = theirs
-        result["ratio_train"] = theirs["train_step_s"] / ours["train_step_s"]   # > 1: ours is faster
-        result["ratio_sample"] = theirs["sample_step_s"] / ours["sample_step_s"]
-        if ours_plain:
-            result["ratio_train_no_unshuffle"] = theirs["train_step_s"] / ours_plain["train_step_s"]
-            result["ratio_sample_no_unshuffle"] = theirs["sample_step_s"] / ours_plain["sample_step_s"]
-    return result
-
-
-def _run_peer(params, cfg, batch_size, repeats, threads, device, dim=None) -> dict:
-    """One run of PEER_SCRIPT in the peer's venv; its JSON line as a dict."""
-    cmd = [PEER_PYTHON, str(PEER_SCRIPT), "--params", str(params), "--image-size", str(cfg.image_size),
-           "--batch-size", str(batch_size), "--repeats", str(repeats), "--threads", str(threads),
-           "--image-embed-dim", str(cfg.clip_dim), "--text-embed-dim", str(cfg.text_width), "--device", device]
-    if dim is not None:
-        cmd += ["--dim", str(dim)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the peer benchmark failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+SPEC = _spec("decoder", "CLIP image embedding (+ caption) -> base image")
+GLIDE_SPEC = _spec("glide", "the GLIDE-style baseline: caption -> base image")

@@ -13,12 +13,9 @@ trained with L_prior = E_{t, z_i^(t)} || f(z_i^(t), t, y) - z_i ||^2 (the librar
 
 - Scale. Unit-norm CLIP embeddings in D dims have a per-dim std of about 1/sqrt(D): far below the
   unit-variance noise, so almost every noise level would destroy them. z_i is multiplied by
-  `embed_scale` before diffusion (None: sqrt(D), unit variance per dim; the paper's value, 17.2 for
-  D = 1024, is taken from the project brief, not checked against the appendix) and samples are
-  renormalised to unit norm after. Measured on the toy CLIP (held-out cos(ẑ_i, z_i) after 200 steps of a
-  small prior, notebook 04): 0.74 with scale 1, 0.91 with 0.54 sqrt(D), 0.92 with sqrt(D); in 500-step
-  runs of a width-128 prior on an earlier toy CLIP, scale 1 also made both best-of-2 candidates identical
-  (cos 1.000; sqrt(D): 0.967).
+  `embed_scale` before diffusion and samples are renormalised to unit norm after. The paper scales by 17.2
+  "to match the empirical variance of RGB pixel values of ImageNet images scaled to [-1,1]" (Appendix C);
+  None gives sqrt(D), unit variance per dim (DALLE2-pytorch's default). Notebook 04 measures the choice.
 - Classifier-free guidance. With probability `cond_drop_prob` (paper: 10%) a training example loses
   its caption: every caption token is masked out and z_t is replaced by a learned null embedding. The
   timestep and the noised z_i are never dropped: the unconditional model still denoises.
@@ -29,12 +26,11 @@ trained with L_prior = E_{t, z_i^(t)} || f(z_i^(t), t, y) - z_i ||^2 (the librar
   which is not implemented here), guidance scale s, and best-of-N: N candidates per caption, keep the
   one with the largest dot product with z_t (paper: N = 2).
 
-Not implemented: the paper's analytic sampling variance (Bao et al. 2022) and Adam's epsilon 1e-10.
+Not implemented: the paper's analytic sampling variance (Bao et al. 2022) and its Adam epsilon (1e-6, Table 3).
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -44,11 +40,11 @@ from torch import nn
 from . import gaussian_diffusion as gd
 from .config import PresetConfig, check, check_positive, check_range
 from .errors import ConfigError, DataError
-from .train import TrainConfig
+from .progress import tqdm
+from .train import StageSpec, TrainConfig
 from .transformer import KVCache, Transformer
 from .unet import timestep_embedding
 
-STAGE = "diffusion_prior"
 SLOTS = ("text_embed", "timestep", "noised_image_embed", "query")  # the 4 positions after the caption
 SAMPLING_FIELDS = ("sample_steps", "guidance_scale", "num_candidates", "eta")  # not part of what is trained
 
@@ -102,9 +98,7 @@ class DiffusionPriorConfig(PresetConfig):
 
     @classmethod
     def toy(cls):
-        # measured on toy CLIPs (2 shared CPU cores, 1 thread): 8, 16, 32 and 64 DDIM steps give the same
-        # held-out cos(z_i_hat, z_i) within 0.005, so the toy samples with 16; width 96 x 3 layers, 1200 steps
-        # (~2 min at ~0.1 s/step) reach cos 0.92 (goal: 0.85)
+        # sizes, steps and sampling settings: the README's measurements table
         return cls(width=96, layers=3, heads=4, sample_steps=16, train=TrainConfig(
             steps=1200, batch_size=128, lr=1e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.999,
             ckpt_every=400, log_every=20))
@@ -117,8 +111,7 @@ class DiffusionPriorConfig(PresetConfig):
 
     @classmethod
     def paper(cls):
-        # Table 3 (diffusion prior), as recalled: not checked against the paper's text here (the search tool
-        # had no copy of the appendix). 1B params, width 2048, 24 blocks, 32 heads, batch 4096, 600K
+        # unCLIP Table 3 (diffusion prior): 1B params, width 2048, 24 blocks, 32 heads, batch 4096, 600K
         # iterations, lr 1.1e-4, Adam beta2 0.96, weight decay 6.0e-2, EMA 0.9999; 1000 cosine steps, 64
         # sampling steps. The warm-up length is not given there (ours: 10K steps).
         return cls(width=2048, layers=24, heads=32, embed_scale=17.2, train=TrainConfig(
@@ -286,17 +279,18 @@ def best_of(candidates: torch.Tensor, text_embed: torch.Tensor):
 class DiffusionPrior:
     """A trained diffusion prior: `sample(z_t, text_tokens, text_mask) -> z_i` (batched, no_grad, device-aware)."""
 
-    def __init__(self, model: DiffusionPriorNetwork, cfg: DiffusionPriorConfig, device="cpu", name="diffusion_prior"):
+    def __init__(self, model: DiffusionPriorNetwork, cfg: DiffusionPriorConfig, device="cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.cfg, self.name = cfg, name
+        self.cfg = cfg
+        self.record = None  # the stage record, when it came from a run folder (stages.load_or_train)
         self.embed_dim = model.embed_dim
         self.embed_scale = cfg.scale_for(model.embed_dim)
         self.diffusion = gd.create_diffusion(cfg.diffusion)
         self._spaced = {}
 
     def __repr__(self):
-        return (f"DiffusionPrior({self.name}, width {self.cfg.width}, {self.cfg.layers} layers, "
+        return (f"DiffusionPrior(width {self.cfg.width}, {self.cfg.layers} layers, "
                 f"{count_parameters(self.model) / 1e6:.2f} M params, D={self.embed_dim}, "
                 f"scale {self.embed_scale:.3g}, device {self.device})")
 
@@ -333,7 +327,6 @@ class DiffusionPrior:
         gen_device = generator.device if generator is not None else self.device
         noise = torch.randn(b, n, self.embed_dim, generator=generator, device=gen_device)
         chunks = []
-        from .progress import tqdm
         for a in tqdm(range(0, b, batch_size), disable=not progress, desc="prior samples"):
             sl = slice(a, a + batch_size)
             chunks.append(self._sample_chunk(diffusion, text_embed[sl], text_tokens[sl], text_mask[sl],
@@ -351,9 +344,9 @@ class DiffusionPrior:
         if s == 1.0:  # the conditional model alone: no null branch to compute
             cache = self.model.encode_prefix(te, tt, tm)
             model_fn = lambda x, t: self.model.forward_cached(x, t, cache)
-        else:  # one doubled batch: rows [0, bn) conditional, [bn, 2bn) the null caption
-            drop = torch.arange(2 * b * n, device=dev) >= b * n
-            cache = self.model.encode_prefix(torch.cat([te, te]), torch.cat([tt, tt]), torch.cat([tm, tm]), drop)
+        else:  # one doubled batch: the conditional rows, then the same rows with the null caption
+            te, tt, tm, drop = gd.with_null_rows(te, tt, tm)
+            cache = self.model.encode_prefix(te, tt, tm, drop)
             model_fn = gd.classifier_free_guidance(lambda x, t: self.model.forward_cached(x, t, cache), s)
         x0 = diffusion.ddim_sample_loop(model_fn, (b * n, d), noise=noise.reshape(b * n, d), clip_denoised=False,
                                         eta=self.cfg.eta, generator=generator, device=dev)
@@ -361,245 +354,37 @@ class DiffusionPrior:
 
 
 # ---------------------------------------------------------------------------------------------
-# measuring a prior
-# ---------------------------------------------------------------------------------------------
-
-def scene_key(scene) -> tuple:
-    """What a toy scene shows apart from rotation and jitter: its objects' cell, colour, shape, size."""
-    return tuple(sorted((tuple(o.cell), o.colour, o.shape, o.size) for o in scene.objects))
-
-
-def caption_facts(scene, template: int | None = None) -> tuple:
-    """What a toy caption of `scene` states, canonically (the scene's own template, or `template`).
-
-    The single-object templates may leave out the size and the cell; the two-object ones may leave out
-    the sizes and the relation ("A right of B" is stated as "B left of A").
-    """
-    from .data import PAIR_TEMPLATES, RELATIONS, SINGLE_TEMPLATES
-    template = scene.template if template is None else template
-    objs = scene.objects
-    if len(objs) == 1:
-        tpl, o = SINGLE_TEMPLATES[template], objs[0]
-        return (1, o.colour, o.shape, o.size if "{size}" in tpl else None,
-                tuple(o.cell) if "{cell}" in tpl else None)
-    tpl = PAIR_TEMPLATES[template]
-    a, b = ((o.colour, o.shape, o.size if "{size_a}" in tpl else None) for o in objs)
-    if "{rel}" not in tpl and "{inv}" not in tpl:
-        return (2, *sorted([a, b]), None)
-    rel = scene.relation
-    if rel in ("right of", "below"):
-        a, b, rel = b, a, RELATIONS[rel]
-    return (2, a, b, rel)
-
-
-def same_scene_matrix(scenes) -> torch.Tensor:
-    """`[N, N]` bool: True where two scenes differ only in what captions never say (rotation, jitter)."""
-    keys = [scene_key(s) for s in scenes]
-    ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-    v = torch.tensor([ids[k] for k in keys])
-    return v[:, None] == v[None, :]
-
-
-def caption_match_matrix(scenes) -> torch.Tensor:
-    """`[N, N]` bool: [i, j] True where image j fits caption i (every fact caption i states holds in j)."""
-    n = len(scenes)
-    out = torch.zeros(n, n, dtype=torch.bool)
-    counts = torch.tensor([len(s.objects) for s in scenes])
-    for (k, tpl) in {(len(s.objects), s.template) for s in scenes}:
-        rows = [i for i, s in enumerate(scenes) if len(s.objects) == k and s.template == tpl]
-        cols = (counts == k).nonzero().flatten().tolist()
-        facts = {j: caption_facts(scenes[j], tpl) for j in cols}  # every k-object scene read through this template
-        for i in rows:
-            hit = torch.tensor([facts[j] == facts[i] for j in cols])
-            out[i, cols] = hit
-    return out
-
-
-def embedding_metrics(pred, image_embed, text_embed, matches: dict | None = None) -> dict:
-    """How good predicted image embeddings are (all `[N, D]`, rows aligned; normalised here).
-
-    cos_image: mean cos(ẑ_i, z_i); cos_text: mean cos(ẑ_i, z_t); top1: fraction of rows whose nearest true
-    z_i among the N is their own; for each `matches` entry name -> `[N, N]` bool (e.g. the same scene, an
-    image that fits the caption), top1_<name>: the nearest z_i is one that matches.
-    """
-    pred, image_embed, text_embed = (F.normalize(x.float().cpu(), dim=-1) for x in (pred, image_embed, text_embed))
-    nearest = (pred @ image_embed.T).argmax(dim=1)
-    idx = torch.arange(len(pred))
-    out = {"cos_image": (pred * image_embed).sum(1).mean().item(),
-           "cos_text": (pred * text_embed).sum(1).mean().item(),
-           "top1": (nearest == idx).float().mean().item()}
-    for name, m in (matches or {}).items():
-        out[f"top1_{name}"] = m[idx, nearest].float().mean().item()
-    return out
-
-
-class ModalityProbe:
-    """A linear classifier "image embedding or text embedding?" fitted on real z_i and z_t.
-
-    If CLIP's two modalities sit in different regions (the modality gap), it separates them; then
-    `p_image(x)` says whether an embedding looks like a real image embedding (what a decoder was trained on).
-    """
-
-    def __init__(self, image_embed, text_embed, weight_decay: float = 1e-4, max_iter: int = 200):
-        x = F.normalize(torch.cat([image_embed, text_embed]).float().cpu(), dim=-1)          # [2N, D]
-        y = torch.cat([torch.ones(len(image_embed)), torch.zeros(len(text_embed))])
-        self.w = torch.zeros(x.shape[1], requires_grad=True)
-        self.b = torch.zeros((), requires_grad=True)
-        opt = torch.optim.LBFGS([self.w, self.b], max_iter=max_iter, line_search_fn="strong_wolfe")
-
-        def closure():  # logistic regression with a little L2
-            opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(x @ self.w + self.b, y) + weight_decay * self.w.square().sum()
-            loss.backward()
-            return loss
-        opt.step(closure)
-        self.w, self.b = self.w.detach(), self.b.detach()
-
-    def p_image(self, x) -> torch.Tensor:
-        """P(image embedding) for embeddings `[N, D]` -> `[N]`."""
-        return torch.sigmoid(F.normalize(x.float().cpu(), dim=-1) @ self.w + self.b)
-
-
-def candidate_diversity(candidates) -> float:
-    """Mean cos between different candidates of the same caption (`[B, N, D]`, N >= 2)."""
-    c = F.normalize(candidates.float().cpu(), dim=-1)
-    n = c.shape[1]
-    sims = c @ c.transpose(1, 2)                                                          # [B, N, N]
-    return ((sims.sum((1, 2)) - sims.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))).mean().item()
-
-
-def pair_cosine(image_embed, match) -> float:
-    """Mean cos(z_i, z_j) over the pairs i != j with match[i, j]: e.g. two images of the same scene, or an
-    image and another image that fits its caption (what a perfect sampler of P(z_i | y) scores on average).
-    nan when there is no such pair."""
-    z = F.normalize(image_embed.float().cpu(), dim=-1)
-    pairs = match & ~torch.eye(len(z), dtype=torch.bool)
-    if not bool(pairs.any()):
-        return float("nan")
-    return (z @ z.T)[pairs].mean().item()
-
-
-# ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
 
-def _clip_dims(run) -> tuple[dict, int]:
-    """(the CLIP's record, the context length its captions can have)."""
-    from .clip_model import ClipConfig
-    from .stages import load_or_train, read_record
-    record = read_record(run, "clip")
-    if record is None:
-        load_or_train(run, "clip")
-        record = read_record(run, "clip")
-    return record, ClipConfig.from_dict(record["config"]["clip"]).context_length
+def _prepare(cfg: DiffusionPriorConfig, ctx) -> dict:
+    """The sizes the network is built for: the CLIP's embedding and token widths and context length."""
+    emb = ctx.embeddings("train")
+    return {"embed_dim": int(emb["image_embed"].shape[1]), "text_width": int(emb["text_tokens"].shape[2]),
+            "max_text_len": int(ctx.cfg.clip.context_length)}
 
 
-def stage_config(run, cfg: DiffusionPriorConfig, embed_dim: int, text_width: int, max_text_len: int) -> dict:
-    """Everything that determines the trained weights (recorded with them); the sampling settings are left
-    out, so changing them needs no retraining (they are read from the run's config when loading)."""
-    trained = {k: v for k, v in cfg.to_dict().items() if k not in SAMPLING_FIELDS}
-    return {STAGE: trained, "embed_dim": embed_dim, "text_width": text_width, "max_text_len": max_text_len,
-            "seed": run.seed}
-
-
-def train_prior(run, cfg: DiffusionPriorConfig, ckpt_path, progress: bool = True):
-    """Train a prior of config `cfg` on the run's 'train' embeddings, checkpointing (and resuming) at
-    `ckpt_path`. Returns (the EMA prior, history, the config dict it was trained with, what it requires)."""
-    from .clip_model import load_embeddings
-    from .train import Trainer
-    clip_record, max_len = _clip_dims(run)
-    emb = load_embeddings(run, "train")
-    device = run.device
+def _batches(cfg: DiffusionPriorConfig, dims, ctx):
+    emb, device = ctx.embeddings("train"), ctx.device
     image_embed, text_embed = emb["image_embed"].to(device), emb["text_embed"].to(device)
     text_tokens, text_mask = emb["text_tokens"].to(device), emb["text_mask"].to(device)  # tokens stay float16
-    d, width = image_embed.shape[1], text_tokens.shape[2]
 
     def get_batch(idx):
         idx = idx.to(device)
         tt, tm = trim_padding(text_tokens[idx], text_mask[idx])
         return image_embed[idx], text_embed[idx], tt.float(), tm
-
-    run.seed_everything()
-    model = DiffusionPriorNetwork(cfg, d, width, max_len)  # built after seeding: same seed -> same weights
-    config = stage_config(run, cfg, d, width, max_len)
-    requires = {"clip": clip_record["id"]}
-    diffusion = gd.create_diffusion(cfg.diffusion).to(device)
-    trainer = Trainer(model, loss_fn(diffusion, cfg.scale_for(d), cfg.cond_drop_prob), get_batch, len(image_embed),
-                      cfg.train, ckpt_path, stage=STAGE, config=config, requires=requires, seed=run.seed,
-                      device=device, progress=progress)
-    history = trainer.fit()
-    return DiffusionPrior(trainer.ema.model, cfg, device), history, config, requires
+    return get_batch, len(image_embed)
 
 
-def train_stage(run, steps: int | None = None) -> DiffusionPrior:
-    """Train the diffusion prior on the 'train' split's cached CLIP embeddings; returns the EMA prior."""
-    from .stages import write_record
-    cfg = run.cfg.with_steps(STAGE, steps).diffusion_prior
-    prior, history, config, requires = train_prior(run, cfg, run.folder.checkpoint_path(STAGE))
-    record = write_record(run, STAGE, config, requires=requires, history=history)
-    prior.name = record["id"]
-    return prior
+def _loss(cfg: DiffusionPriorConfig, dims, ctx):
+    diffusion = gd.create_diffusion(cfg.diffusion).to(ctx.device)
+    return loss_fn(diffusion, cfg.scale_for(dims["embed_dim"]), cfg.cond_drop_prob)
 
 
-def load_stage(run) -> DiffusionPrior:
-    """The trained prior of this run (EMA weights), refused if its CLIP has changed since."""
-    from .stages import check_requires, trained_record
-    from .train import load_checkpoint
-    record = trained_record(run, STAGE, "diffusion prior")
-    check_requires(run, STAGE, record)
-    c = record["config"]
-    sampling = {k: getattr(run.cfg.diffusion_prior, k) for k in SAMPLING_FIELDS}  # today's sampling settings
-    cfg = DiffusionPriorConfig.from_dict({**c[STAGE], **sampling})
-    model = DiffusionPriorNetwork(cfg, c["embed_dim"], c["text_width"], c["max_text_len"])
-    ckpt = load_checkpoint(run.folder.checkpoint_path(STAGE), stage=STAGE, config=c,
-                           fix=f"delete {run.folder.root / STAGE} and retrain the prior")
-    model.load_state_dict(ckpt["ema"])
-    return DiffusionPrior(model, cfg, run.device, record["id"])
-
-
-def benchmark(run, train_steps: int = 5, sample_captions: int = 32, text_len: int = 16) -> dict:
-    """Time per training step at the configured size and sampling time per embedding (random inputs).
-
-    Uses the run's CLIP sizes from its config (embed_dim, text_width); no trained stage is needed.
-    """
-    cfg, clip = run.cfg.diffusion_prior, run.cfg.clip
-    d, width, max_len, dev = clip.embed_dim, clip.text_width, clip.context_length, run.device
-    text_len = min(text_len, max_len)
-    g = torch.Generator(device=dev).manual_seed(0)
-    model = DiffusionPriorNetwork(cfg, d, width, max_len).to(dev)
-    diffusion = gd.create_diffusion(cfg.diffusion).to(dev)
-    fn = loss_fn(diffusion, cfg.scale_for(d), cfg.cond_drop_prob)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-
-    def batch(b):
-        return (F.normalize(torch.randn(b, d, device=dev), dim=-1), F.normalize(torch.randn(b, d, device=dev), dim=-1),
-                torch.randn(b, text_len, width, device=dev), torch.ones(b, text_len, dtype=torch.bool, device=dev))
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    data = batch(cfg.train.batch_size)
-    times = []
-    for i in range(train_steps + 1):  # the first step warms up
-        sync()
-        t0 = time.perf_counter()
-        loss, _ = fn(model, data, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync()
-        if i:
-            times.append(time.perf_counter() - t0)
-    prior = DiffusionPrior(model, cfg, dev)
-    te, tt, tm = batch(sample_captions)[1:]
-    prior.sample(te[:2], tt[:2], tm[:2], steps=2, generator=g)  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    prior.sample(te, tt, tm, generator=g)
-    sync()
-    sample_s = time.perf_counter() - t0
-    return {"params": count_parameters(model), "batch_size": cfg.train.batch_size, "text_len": text_len,
-            "train_ms_per_step": 1000 * sum(times) / len(times),
-            "sample_ms_per_embedding": 1000 * sample_s / sample_captions, "sample_steps": cfg.sample_steps,
-            "num_candidates": cfg.num_candidates, "guidance_scale": cfg.guidance_scale, "device": str(dev)}
+SPEC = StageSpec(
+    name="diffusion_prior", needs=("clip",), notebook="04_diffusion_prior",
+    about="caption -> CLIP image embedding by diffusion (the paper's preferred prior)",
+    prepare=_prepare, batches=_batches, loss=_loss,
+    build=lambda cfg, dims: DiffusionPriorNetwork(cfg, dims["embed_dim"], dims["text_width"], dims["max_text_len"]),
+    wrap=lambda network, cfg, dims, ctx: DiffusionPrior(network, cfg, ctx.device),
+    sampling_fields=SAMPLING_FIELDS)

@@ -75,7 +75,7 @@ class DiffusionConfig(PresetConfig):
 
     @classmethod
     def toy(cls):
-        return cls()  # v-prediction learns colour and position in far fewer CPU steps (DESIGN.md)
+        return cls()  # v-prediction: far fewer CPU steps than eps for colour and position (README, measurements)
 
     @classmethod
     def small(cls):
@@ -141,7 +141,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def _randn(shape, generator=None, device=None):
+def randn(shape, generator=None, device=None):
     """Standard normal noise; drawn on the generator's device so a CPU seed reproduces on any device."""
     if generator is None:
         return torch.randn(shape, device=device)
@@ -302,7 +302,7 @@ class GaussianDiffusion(nn.Module):
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, generator=None):
         """One ancestral DDPM step x_t -> x_{t-1}: dict(sample, pred_xstart), `[B, ...]`."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = _randn(x.shape, generator, x.device)
+        noise = randn(x.shape, generator, x.device)
         nonzero = (t != 0).float().reshape(-1, *((1,) * (x.ndim - 1)))  # no noise at the last step
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return dict(sample=sample, pred_xstart=out["pred_xstart"])
@@ -320,7 +320,7 @@ class GaussianDiffusion(nn.Module):
         sample = out["pred_xstart"] * torch.sqrt(abar_prev) + eps_coef * eps
         if eta > 0:  # eta = 0 draws nothing: deterministic without a generator
             nonzero = (t != 0).float().reshape(-1, *((1,) * (x.ndim - 1)))
-            sample = sample + nonzero * sigma * _randn(x.shape, generator, x.device)
+            sample = sample + nonzero * sigma * randn(x.shape, generator, x.device)
         return dict(sample=sample, pred_xstart=out["pred_xstart"])
 
     def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
@@ -348,7 +348,7 @@ class GaussianDiffusion(nn.Module):
 
     def _loop(self, step, model, shape, noise, model_kwargs, progress, generator, device, indices):
         device = self._device(model, noise, model_kwargs, device)
-        x = noise.to(device) if noise is not None else _randn(tuple(shape), generator, device)
+        x = noise.to(device) if noise is not None else randn(tuple(shape), generator, device)
         for i in tqdm(indices, disable=not progress, leave=False):
             t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
             with torch.no_grad():  # samplers never need gradients; training uses training_losses
@@ -525,16 +525,34 @@ def create_diffusion(cfg: DiffusionConfig, respacing=None):
 # classifier-free guidance (Ho & Salimans 2022) as GLIDE runs it: one doubled batch
 # ---------------------------------------------------------------------------------------------
 
-def classifier_free_guidance(model, guidance_scale, guided_channels=None):
-    """A model function `fn(x [B, ...], t [B], **model_kwargs)` returning uncond + s * (cond - uncond).
+def with_null_rows(*tensors):
+    """The doubled batch of classifier-free guidance: each tensor `[B, ...]` -> `[2B, ...]` (the rows,
+    then the same rows again), plus `drop` `[2B]` bool, True on the second half. Each model turns the
+    dropped rows into its own null condition (the empty caption, z_i = 0, a learned null embedding), the
+    same way it dropped conditions in training. Returns (*doubled, drop)."""
+    b = tensors[0].shape[0]
+    drop = torch.arange(2 * b, device=tensors[0].device) >= b
+    return (*(torch.cat([x, x]) for x in tensors), drop)
 
-    Every tensor in `model_kwargs` is `[2B, ...]`: the first B rows hold the conditioning, the last B
-    the null conditioning (None and non-tensor entries pass through). The wrapped model runs once on
-    `cat([x, x])`. Only the first `guided_channels` channels of dim 1 (the mean prediction; default:
-    all) are guided; the rest (a learned variance) is taken from the conditional half. Guiding eps, x_0
-    or v gives the same sampler: for fixed x_t each is an affine function of the others whose
-    x_t-term cancels in (cond - uncond), so the guided mixture maps across unchanged.
-    s = 1 is the conditional model, s = 0 the unconditional one.
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """uncond + s * (cond - uncond): s = 1 is the conditional model, s = 0 the unconditional one, s > 1
+    pushes further along the direction the condition adds (Ho & Salimans 2022, eq. 6)."""
+    if scale == 1.0:  # exactly the conditional output (the formula would round)
+        return cond
+    return uncond + scale * (cond - uncond)
+
+
+def classifier_free_guidance(model, guidance_scale, guided_channels=None):
+    """A model function `fn(x [B, ...], t [B], **model_kwargs)` returning `guide(cond, uncond, s)`.
+
+    The wrapped model runs once on `cat([x, x])`: its first B rows must see the condition and its last B
+    the null condition, so every tensor in `model_kwargs` is `[2B, ...]` (build them with
+    `with_null_rows`; None and non-tensor entries pass through; a model that holds its conditioning
+    already, e.g. in a cache, takes none). Only the first `guided_channels` channels of dim 1 (the
+    mean prediction; default: all) are guided; the rest (a learned variance) is taken from the
+    conditional half. Guiding eps, x_0 or v gives the same sampler: for fixed x_t each is an affine
+    function of the others whose x_t-term cancels in (cond - uncond), so the mixture maps across unchanged.
     """
     def guided(x, t, **model_kwargs):
         b = x.shape[0]
@@ -545,7 +563,6 @@ def classifier_free_guidance(model, guidance_scale, guided_channels=None):
         out = model(torch.cat([x, x]), torch.cat([t, t]), **model_kwargs)
         cond, uncond = out[:b], out[b:]
         c = cond.shape[1] if guided_channels is None else guided_channels
-        mixed = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([mixed, cond[:, c:]], dim=1)
+        return torch.cat([guide(cond[:, :c], uncond[:, :c], guidance_scale), cond[:, c:]], dim=1)
 
     return guided

@@ -1,4 +1,4 @@
-"""Standalone timing of the peer decoder U-Net: lucidrains' dalle2-pytorch `Unet` (for decoder.benchmark).
+"""Standalone timing of the peer decoder U-Net: lucidrains' dalle2-pytorch `Unet` (for bench.bench_decoder).
 
 Runs in the peer's own venv (it imports nothing from unclip_mini), never in the project's:
 
@@ -90,8 +90,8 @@ def main():
     train_s = median_time(train_step, args.repeats)
     model.eval()
     sample_s = median_time(sample_step, args.repeats)
-    print(json.dumps({"name": "dalle2-pytorch Unet", "dim": dim, "parameters": n_params(model),
-                      "target_parameters": args.params, "train_step_s": train_s, "sample_step_s": sample_s,
+    print(json.dumps({"name": "dalle2-pytorch Unet", "dim": dim, "params": n_params(model),
+                      "target_params": args.params, "train_step_s": train_s, "sample_step_s": sample_s,
                       "batch_size": b, "image_size": s, "threads": torch.get_num_threads()}))
 
 

@@ -1,53 +1,64 @@
-"""The pipeline's stages, the whole stack's config, and the run they share.
+"""The stage lifecycle: every component is trained, recorded, checked and loaded here, one way.
 
-    Config   every component's config for one preset (`Config(preset="toy")`)
-    Run      a Config + a run folder + a device + a seed: what notebooks, the CLI and tests work in
-    STAGES   name -> what it needs, which notebook teaches it, how to train and load it
+    Config     every component's config for one preset (`Config(preset="toy")`)
+    Run        a Config + a run folder + a device + a seed: what notebooks, the CLI and tests work in
+    STAGES     name -> the component's `train.StageSpec` (what it needs, how to build, feed, train, wrap it)
     load_or_train(run, name)   load a stage from the run folder, or train it (and what it needs) first
+    load_pipeline(run)         the whole of unCLIP (`unclip.UnCLIP`) from the run's trained stages
 
-A trained stage leaves `<run>/<stage>/stage.json`: its id, the config it was trained with, and the ids of
-the stages it was trained from. A stage refuses inputs whose ids differ from those it recorded (e.g. a
-prior trained on a CLIP that has since been retrained).
+A trained stage leaves `<run>/<stage>/checkpoint.pt` (train.py) and, written last, `<run>/<stage>/stage.json`,
+its record (one layout for every stage):
+
+    {"stage": "decoder", "id": "decoder-3f2a...",       the name and a hash of everything below but results
+     "config": {...},                                   the component's config (sampling-only fields left out)
+     "data": {...}, "seed": 0,                          the world it was trained on, the run's seed
+     "dims": {...},                                     what the network was built from (sizes of its inputs)
+     "requires": {"clip": "clip-8b1c..."},              the ids of the stages it was trained from
+     "variant": null,                                   or the name of a variant (e.g. upsampler1 'clean')
+     "parameters": 2903907, "steps": 6000, "train_seconds": 1895.1, "history": {...},
+     "results": {...},                                  what the component measured after training
+     "code_version": "...", "created": "..."}
+
+Loading refuses a stage whose recorded config, data or seed differ from the run's (training steps aside: a run
+may be extended), or whose inputs have changed since (e.g. a prior trained on a CLIP that was retrained), and
+says how to rebuild it. The object a load returns carries its record as `.record`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .artifacts import RunFolder, atomic_write_json
+from . import ar_prior, checker, clip_model, decoder, diffusion_prior, upsampler
+from .artifacts import RunFolder, atomic_write_json, code_version
 from .config import PRESETS, PresetConfig, check_choice, check_range
+from .data import DataConfig, ToyWorld, open_dataset
 from .errors import ArtifactError, ConfigError
-from .train import resolve_device, seed_everything
+from .train import StageSpec, Trainer, load_checkpoint, resolve_device, seed_everything, without_steps
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-
-# field of Config -> (module, factory): factory(preset) gives that component's config for a preset
+# field of Config -> factory(preset) giving that component's config for a preset
 COMPONENTS = {
-    "data": ("data", "DataConfig.preset"),
-    "clip": ("clip_model", "ClipConfig.preset"),
-    "diffusion_prior": ("diffusion_prior", "DiffusionPriorConfig.preset"),
-    "ar_prior": ("ar_prior", "ARPriorConfig.preset"),
-    "checker": ("metrics", "CheckerConfig.preset"),
-    "decoder": ("decoder", "DecoderConfig.preset"),
-    "glide": ("decoder", "DecoderConfig.glide"),
-    "upsampler1": ("upsampler", "UpsamplerConfig.stage1"),
-    "upsampler2": ("upsampler", "UpsamplerConfig.stage2"),
+    "data": DataConfig.preset,
+    "clip": clip_model.ClipConfig.preset,
+    "diffusion_prior": diffusion_prior.DiffusionPriorConfig.preset,
+    "ar_prior": ar_prior.ARPriorConfig.preset,
+    "checker": checker.CheckerConfig.preset,
+    "decoder": decoder.DecoderConfig.preset,
+    "glide": decoder.DecoderConfig.glide,
+    "upsampler1": upsampler.UpsamplerConfig.stage1,
+    "upsampler2": upsampler.UpsamplerConfig.stage2,
 }
 
-
-def _factory(field_name):
-    import importlib
-    module, attr = COMPONENTS[field_name]
-    obj = importlib.import_module(f"unclip_mini.{module}")
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+STAGES: dict[str, StageSpec] = {s.name: s for s in [
+    clip_model.SPEC, diffusion_prior.SPEC, ar_prior.SPEC, checker.SPEC, decoder.SPEC, decoder.GLIDE_SPEC,
+    upsampler.SPEC1, upsampler.SPEC2]}
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,7 @@ class Config(PresetConfig):
     clip: Any = None              # clip_model.ClipConfig
     diffusion_prior: Any = None   # diffusion_prior.DiffusionPriorConfig
     ar_prior: Any = None          # ar_prior.ARPriorConfig
-    checker: Any = None           # metrics.CheckerConfig (the attribute checker that scores images)
+    checker: Any = None           # checker.CheckerConfig (the attribute checker that scores images)
     decoder: Any = None           # decoder.DecoderConfig
     glide: Any = None             # decoder.DecoderConfig without z_i: the GLIDE-style baseline
     upsampler1: Any = None        # upsampler.UpsamplerConfig, base -> x4
@@ -68,13 +79,9 @@ class Config(PresetConfig):
     def __post_init__(self):
         check_choice(self, "preset", PRESETS)
         check_range(self, "seed", 0, integer=True)
-        for name in COMPONENTS:  # a missing component takes this preset's default
+        for name, factory in COMPONENTS.items():  # a missing component takes this preset's default
             if getattr(self, name) is None:
-                try:
-                    object.__setattr__(self, name, _factory(name)(self.preset))
-                except ModuleNotFoundError as e:  # a component still being written (tests catch this)
-                    if e.name != f"unclip_mini.{COMPONENTS[name][0]}":
-                        raise
+                object.__setattr__(self, name, factory(self.preset))
         if self.clip.arch == "custom" and self.clip.image_size != self.data.resolution:
             raise ConfigError(f"clip.image_size = {self.clip.image_size} but data.resolution = "
                               f"{self.data.resolution}: a CLIP trained here reads the base images; make "
@@ -105,12 +112,8 @@ class Config(PresetConfig):
         if unknown:
             raise ConfigError(f"Config has no field {unknown[0]!r} (a config from another version of the code?); "
                               f"valid fields: {', '.join(names)}")
-        parts = {}
-        for k, v in d.items():
-            if k in COMPONENTS and isinstance(v, dict):
-                parts[k] = type(_factory(k)(d.get("preset", "toy"))).from_dict(v)
-            else:
-                parts[k] = v
+        parts = {k: (type(COMPONENTS[k](d.get("preset", "toy"))).from_dict(v)
+                     if k in COMPONENTS and isinstance(v, dict) else v) for k, v in d.items()}
         return cls(**parts)
 
     def with_steps(self, stage: str, steps: int | None) -> "Config":
@@ -141,29 +144,46 @@ class Run:
         if seed is not None:
             config = config.replace(seed=seed)
         self.cfg = config
-        self.preset = config.preset
-        self.seed = config.seed
-        self.folder = RunFolder(run_dir or default_run_dir(self.preset), self.preset)
+        self.folder = RunFolder(run_dir or default_run_dir(config.preset), config.preset)
         self.device = resolve_device(device)
+        self._datasets = {}
+
+    @property
+    def preset(self) -> str:
+        return self.cfg.preset
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
 
     def __repr__(self):
         return f"Run(preset={self.preset!r}, folder={str(self.folder.root)!r}, device={str(self.device)!r})"
 
     @cached_property
-    def world(self):
+    def world(self) -> ToyWorld:
         """The toy data world of this preset."""
-        from .data import ToyWorld
         return ToyWorld(self.cfg.data)
 
     def dataset(self, split: str):
-        """The toy world's `split` ('train' | 'val' | 'heldout') at the configured size."""
-        return self._datasets(split)
+        """Split 'train' | 'val' | 'heldout' of the configured data (renders are cached once made)."""
+        if split not in self._datasets:
+            self._datasets[split] = open_dataset(self.cfg.data, split, self.world)
+        return self._datasets[split]
 
-    def _datasets(self, split):
-        cache = self.__dict__.setdefault("_dataset_cache", {})
-        if split not in cache:
-            cache[split] = self.world.dataset(split)
-        return cache[split]
+    def embeddings(self, split: str = "train") -> dict:
+        """The CLIP stage's cached embeddings of `split` (z_i, z_t, tokens, token features; clip_model.embed_dataset),
+        refused if they were made by another CLIP than the current one."""
+        record = trained_record(self, "clip")
+        cache = self.__dict__.setdefault("_embeddings", {})
+        if cache.get("id") != record["id"]:
+            payload, _ = self.folder.load("clip", "embeddings", requires={"clip": record["id"]},
+                                          rebuild=f"delete {self.folder.root / 'clip'} and retrain the clip stage")
+            cache.clear()
+            cache.update(id=record["id"], payload=payload)
+        payload = cache["payload"]
+        if split not in payload:
+            raise ArtifactError(f"the embeddings cache has no split {split!r}; valid: {', '.join(payload)}")
+        return payload[split]
 
     def seed_everything(self, offset: int = 0):
         seed_everything(self.seed + offset)
@@ -173,17 +193,9 @@ class Run:
 # stage records
 # ---------------------------------------------------------------------------------------------
 
-def stage_id(name: str, config: dict) -> str:
+def stage_id(name: str, identity: dict) -> str:
     """A trained stage's id: its name and a hash of everything that determined it."""
-    return f"{name}-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def write_record(run: Run, name: str, config: dict, requires: dict | None = None, **extra) -> dict:
-    """Mark stage `name` as trained: `<run>/<name>/stage.json` (atomic)."""
-    record = {"stage": name, "id": stage_id(name, {"config": config, "requires": requires or {}}),
-              "config": config, "requires": dict(requires or {}), **extra}
-    atomic_write_json(record, run.folder.path(name, "stage.json"))
-    return record
+    return f"{name}-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def read_record(run: Run, name: str) -> dict | None:
@@ -197,20 +209,19 @@ def read_record(run: Run, name: str) -> dict | None:
         raise ArtifactError(f"{path} is unreadable ({e}): delete it to retrain stage {name!r}") from e
 
 
-def trained_record(run: Run, name: str, label: str | None = None) -> dict:
-    """The record of stage `name` (trained), or an ArtifactError that says how to train it.
-
-    `label` names the stage in the message ("CLIP"); default: the stage name quoted.
-    """
+def trained_record(run: Run, name: str) -> dict:
+    """The record of stage `name` (trained), or an ArtifactError that says how to train it."""
     record = read_record(run, name)
     if record is None:
-        what = label or f"{name!r} stage"
+        base = name.split("-")[0]
         how = (f"train it again with the code that made it ({name!r} is not a registered stage; "
                f"`python -m unclip_mini stages` lists those)")
         if name in STAGES:
             how = (f"call stages.load_or_train(run, {name!r}) (notebook {STAGES[name].notebook}) or "
-                   f"`python -m unclip_mini train {name} --preset {run.preset}`")
-        raise ArtifactError(f"no trained {what} in {run.folder.root}: {how}")
+                   f"`python -m unclip_mini train {name} --preset {run.preset} --run-dir {run.folder.root}`")
+        elif base in STAGES:
+            how = f"train the variant with stages.load_or_train(run, {base!r}, config=..., variant=...)"
+        raise ArtifactError(f"no trained {name!r} stage in {run.folder.root}: {how}")
     return record
 
 
@@ -232,17 +243,21 @@ def _drift(old, now, prefix: str) -> list[str]:
     return [] if old == now else [f"{prefix}: {old!r} -> {now!r}"]
 
 
-def check_config(run: Run, name: str, record: dict):
-    """Refuse a stage trained with another config than the run's (training steps aside: a run may be
-    extended or cut short): the recorded component configs and seed must match `run.cfg` and `run.seed`."""
-    from .train import _no_steps
-    now = json.loads(json.dumps(run.cfg.to_dict()))
+def trained_config(spec: StageSpec, cfg) -> dict:
+    """The part of a component's config that determines its trained weights (sampling fields left out)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in spec.sampling_fields}
+
+
+def check_config(run: Run, name: str, record: dict, cfg) -> None:
+    """Refuse a stage trained with another config, data or seed than `cfg` (the component's config now),
+    `run.cfg.data` and `run.seed`; training steps may differ."""
+    spec = STAGES[record.get("spec", name)]
+    now = {"config": trained_config(spec, cfg), "data": run.cfg.data.to_dict()}
     diffs = []
-    for key, old in record.get("config", {}).items():
-        if key == "seed" and old != run.seed:
-            diffs.append(f"seed: {old!r} -> {run.seed!r}")
-        elif key in now and key != "preset" and isinstance(old, dict):
-            diffs += _drift(_no_steps(old), _no_steps(now[key]), key)
+    for key, prefix in (("config", spec.field), ("data", "data")):
+        diffs += _drift(without_steps(record.get(key, {})), without_steps(now[key]), prefix)
+    if record.get("seed") != run.seed:
+        diffs.append(f"seed: {record.get('seed')!r} -> {run.seed!r}")
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise ArtifactError(f"stage {name!r} in {run.folder.root} was trained with another config than this "
@@ -250,64 +265,181 @@ def check_config(run: Run, name: str, record: dict):
                             f"delete {run.folder.root / name} to retrain {name} with it")
 
 
+def write_record(run: Run, name: str, config: dict, dims: dict | None = None, requires: dict | None = None,
+                 **fields) -> dict:
+    """Mark stage `name` as trained: write its record `<run>/<name>/stage.json` (atomically) and return it.
+
+    `config` is the component's trained config (`trained_config`); the run supplies the data and the seed.
+    """
+    identity = {"config": config, "data": run.cfg.data.to_dict(), "seed": run.seed, "dims": dict(dims or {})}
+    requires = dict(requires or {})
+    record = {"stage": name, "spec": fields.pop("spec", name.split("-")[0]),
+              "id": stage_id(name, {**identity, "requires": requires}), **identity, "requires": requires,
+              "variant": fields.pop("variant", None), **fields,
+              "code_version": code_version(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_json(record, run.folder.path(name, "stage.json"))
+    return record
+
+
 # ---------------------------------------------------------------------------------------------
-# the registry
+# what a component sees of the run while its stage is trained or loaded
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    needs: tuple[str, ...]   # stages that must be trained first
-    notebook: str            # the notebook that teaches it
-    module: str              # the library module that trains and loads it
-    about: str
-    train_fn: str = "train_stage"  # module.<train_fn>(run, steps=None) -> the trained object
-    load_fn: str = "load_stage"    # module.<load_fn>(run) -> the trained object
+class StageContext:
+    """The run as one stage sees it (the `ctx` of `train.StageSpec`): the run's config, device, seed,
+    data and CLIP cache, plus the stage's own folder and artifacts, tied to the stages it needs."""
+
+    def __init__(self, run: Run, folder_name: str, requires: dict, stage_id: str | None = None):
+        self.run, self.name, self.requires, self.id = run, folder_name, dict(requires), stage_id
+        self.cfg, self.device, self.seed = run.cfg, run.device, run.seed
+
+    @property
+    def world(self) -> ToyWorld:
+        return self.run.world
+
+    @property
+    def folder(self) -> Path:
+        return self.run.folder.root / self.name
+
+    def dataset(self, split: str):
+        return self.run.dataset(split)
+
+    def embeddings(self, split: str = "train") -> dict:
+        return self.run.embeddings(split)
+
+    def save(self, artifact: str, payload: dict, config: dict, requires: dict | None = None):
+        """Write `<stage>/<artifact>.pt` (atomic), tied to `config` and to `requires` (default: the needs' ids)."""
+        return self.run.folder.save(self.name, artifact, payload, config=config,
+                                    requires=self.requires if requires is None else requires)
+
+    def load(self, artifact: str, config: dict, requires: dict | None = None) -> dict:
+        """Read `<stage>/<artifact>.pt`, refusing one made with another config or from other inputs."""
+        payload, _ = self.run.folder.load(
+            self.name, artifact, config=config, requires=self.requires if requires is None else requires,
+            rebuild=f"delete {self.folder} and retrain the {self.name} stage")
+        return payload
 
 
-STAGES = {s.name: s for s in [
-    Stage("clip", (), "02_clip", "clip_model", "contrastive text-image encoder + cached embeddings"),
-    Stage("diffusion_prior", ("clip",), "04_diffusion_prior", "diffusion_prior",
-          "caption -> CLIP image embedding by diffusion (the paper's preferred prior)"),
-    Stage("ar_prior", ("clip",), "05_ar_prior", "ar_prior",
-          "caption -> CLIP image embedding as PCA-quantized codes, autoregressively"),
-    Stage("checker", (), "06_decoder", "metrics", "attribute classifier that scores generated toy images",
-          "train_checker", "load_checker"),
-    Stage("decoder", ("clip",), "06_decoder", "decoder", "CLIP image embedding (+ caption) -> base image"),
-    Stage("glide", ("clip",), "06_decoder", "decoder", "the GLIDE-style baseline: caption -> base image",
-          "train_glide", "load_glide"),
-    Stage("upsampler1", (), "07_upsamplers", "upsampler", "base -> x4, Gaussian-blur corrupted conditioning",
-          "train_upsampler1", "load_upsampler1"),
-    Stage("upsampler2", (), "07_upsamplers", "upsampler", "x4 -> x16, BSR-degraded conditioning",
-          "train_upsampler2", "load_upsampler2"),
-]}
+# ---------------------------------------------------------------------------------------------
+# the lifecycle
+# ---------------------------------------------------------------------------------------------
 
-
-def get_stage(name: str) -> Stage:
+def get_stage(name: str) -> StageSpec:
     if name not in STAGES:
         raise ConfigError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
     return STAGES[name]
 
 
-def _module(stage: Stage):
-    import importlib
-    return importlib.import_module(f"unclip_mini.{stage.module}")
+def _folder_name(name: str, variant: str | None) -> str:
+    if variant is None:
+        return name
+    if not isinstance(variant, str) or not variant.replace("_", "").isalnum():
+        raise ConfigError(f"variant {variant!r} must be a short name of letters, digits and '_' (e.g. 'clean')")
+    return f"{name}-{variant}"
 
 
-def load_or_train(run: Run, name: str, steps: int | None = None, verbose: bool = True):
+def _stage_config(run: Run, spec: StageSpec, config, steps):
+    cfg = getattr(run.cfg, spec.field) if config is None else config
+    want = type(getattr(run.cfg, spec.field))
+    if not isinstance(cfg, want):
+        raise ConfigError(f"config for stage {spec.name!r} must be a {want.__name__}, got {type(cfg).__name__}")
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"steps = {steps!r} must be a positive int (or None for the preset's default)")
+        cfg = cfg.replace(train=cfg.train.replace(steps=steps))
+    return cfg
+
+
+def train_stage(run: Run, name: str, steps: int | None = None, config=None, variant: str | None = None,
+                progress: bool = True):
+    """Train stage `name` (resuming its checkpoint if there is one), write its record, return it wrapped.
+
+    config: the component's config (default: the run's); with `variant`, a config that differs from the
+    run's is trained into `<run>/<name>-<variant>/` (e.g. upsampler 1 without corruption, for an ablation).
+    The stages it needs must be trained already (`load_or_train` trains them first).
+    """
+    spec = get_stage(name)
+    cfg = _stage_config(run, spec, config, steps)
+    folder = _folder_name(name, variant)
+    requires = {}
+    for dep in spec.needs:
+        have = read_record(run, dep)
+        if have is None:
+            raise ArtifactError(f"stage {name!r} needs a trained {dep!r} stage in {run.folder.root}: call "
+                                f"stages.load_or_train(run, {dep!r}) first (load_or_train(run, {name!r}) trains "
+                                f"what is missing)")
+        requires[dep] = have["id"]
+    ctx = StageContext(run, folder, requires)
+    t0 = time.perf_counter()
+    dims = spec.prepare(cfg, ctx) if spec.prepare else {}
+    identity = {"config": trained_config(spec, cfg), "data": run.cfg.data.to_dict(), "seed": run.seed,
+                "dims": dims}
+    ctx.id = stage_id(folder, {**identity, "requires": requires})  # the id write_record will give it
+    network = spec.pretrained(cfg, ctx) if spec.pretrained else None
+    history, trained_steps = None, 0
+    if network is None:
+        get_batch, size = spec.batches(cfg, dims, ctx)
+        run.seed_everything()
+        network = spec.build(cfg, dims)  # initialised after seeding: same seed -> same weights
+        trainer = Trainer(network, spec.loss(cfg, dims, ctx), get_batch, size, cfg.train,
+                          run.folder.checkpoint_path(folder), stage=folder, config=identity, requires=requires,
+                          seed=run.seed, device=run.device, progress=progress)
+        history = trainer.fit()
+        network, trained_steps = trainer.ema.model, trainer.step
+    obj = spec.wrap(network, cfg, dims, ctx)
+    results = spec.finish(obj, cfg, dims, ctx) if spec.finish else {}
+    record = write_record(  # last: the stage is done
+        run, folder, identity["config"], dims, requires, spec=name, variant=variant,
+        parameters=sum(p.numel() for p in network.parameters()), steps=trained_steps,
+        train_seconds=round(history["seconds"][-1], 1) if history and history["seconds"] else 0.0,
+        wall_seconds=round(time.perf_counter() - t0, 1), history=history, results=results)
+    assert record["id"] == ctx.id
+    obj.record = record
+    return obj
+
+
+def load_stage(run: Run, name: str, config=None, variant: str | None = None):
+    """Load trained stage `name` (its EMA weights) as the object later stages use, checked against the run.
+
+    config: the component's config the stage must match (default: the run's); its sampling-only fields
+    (`StageSpec.sampling_fields`, e.g. the decoder's guidance scale) are taken from it, not from the record.
+    """
+    spec = get_stage(name)
+    cfg_now = _stage_config(run, spec, config, None)
+    folder = _folder_name(name, variant)
+    record = trained_record(run, folder)
+    check_requires(run, folder, record)
+    check_config(run, folder, record, cfg_now)
+    cfg = type(cfg_now).from_dict({**record["config"], **{k: getattr(cfg_now, k) for k in spec.sampling_fields}})
+    ctx = StageContext(run, folder, record["requires"], record["id"])
+    dims = record["dims"]
+    network = spec.pretrained(cfg, ctx) if spec.pretrained else None
+    if network is None:
+        identity = {k: record[k] for k in ("config", "data", "seed", "dims")}
+        ckpt = load_checkpoint(run.folder.checkpoint_path(folder), stage=folder, config=identity,
+                               fix=f"delete {run.folder.root / folder} and retrain the {folder} stage")
+        network = spec.build(cfg, dims)
+        network.load_state_dict(ckpt["ema"])
+    obj = spec.wrap(network, cfg, dims, ctx)
+    obj.record = record
+    return obj
+
+
+def load_or_train(run: Run, name: str, steps: int | None = None, verbose: bool = True, config=None,
+                  variant: str | None = None):
     """Load stage `name` from the run folder; train it (and any missing stage it needs) if absent."""
-    stage = get_stage(name)
-    record = read_record(run, name)
-    if record is not None:
-        check_requires(run, name, record)
-        check_config(run, name, record)
+    spec = get_stage(name)
+    folder = _folder_name(name, variant)
+    if read_record(run, folder) is not None:
+        obj = load_stage(run, name, config=config, variant=variant)
         if verbose:
-            print(f"[{name}] loaded from {run.folder.root / name} (id {record['id']})")
-        return getattr(_module(stage), stage.load_fn)(run)
-    for dep in stage.needs:
+            print(f"[{folder}] loaded from {run.folder.root / folder} (id {obj.record['id']})")
+        return obj
+    for dep in spec.needs:
         if read_record(run, dep) is None:
             load_or_train(run, dep, verbose=verbose)
     if verbose:
-        print(f"[{name}] not trained yet in {run.folder.root / name}: training it now through the library "
-              f"(notebook {stage.notebook} explains this stage)")
-    return getattr(_module(stage), stage.train_fn)(run, steps=steps)
+        print(f"[{folder}] not trained yet in {run.folder.root / folder}: training it now through the library "
+              f"(notebook {spec.notebook} explains this stage)")
+    return train_stage(run, name, steps=steps, config=config, variant=variant)
+

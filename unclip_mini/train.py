@@ -1,7 +1,8 @@
 """One training loop for every stage: EMA, checkpoints, exact resume, progress, mixed precision, DDP.
 
 A stage supplies a model, a way to build a batch from dataset indices, and a loss function; the loop
-does the rest. What it guarantees:
+does the rest. Each component says how, in one `StageSpec` (at the bottom), which `stages.py` reads to
+train, record, check and load the stage. What the loop guarantees:
 
 - **Exact resume.** A checkpoint holds the model, the EMA, the optimizer, the LR scheduler, the step,
   and every random state (torch, numpy, python, the loop's own generator, the data order). Killing a
@@ -22,6 +23,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -235,7 +237,7 @@ def load_checkpoint(path, *, stage: str | None = None, config: dict | None = Non
         raise CheckpointError(f"{path} holds a {have!r} checkpoint, not a {stage!r} one: "
                               f"pass the {stage} checkpoint (runs/<preset>/{stage}/checkpoint.pt)")
     if config is not None:
-        diffs = [d for d in diff_configs(_no_steps(ckpt["meta"]["config"]), _no_steps(config))]
+        diffs = [d for d in diff_configs(without_steps(ckpt["meta"]["config"]), without_steps(config))]
         if diffs:
             raise CheckpointError(f"{path} was trained with another config ({'; '.join(diffs[:6])}): "
                                   f"use the matching preset, or delete the folder {os.path.dirname(path)} "
@@ -243,11 +245,11 @@ def load_checkpoint(path, *, stage: str | None = None, config: dict | None = Non
     return ckpt
 
 
-def _no_steps(cfg):
+def without_steps(cfg):
     """The config without any `train.steps` (at any depth): training may be extended."""
     if not isinstance(cfg, dict):
         return cfg
-    out = {k: _no_steps(v) for k, v in cfg.items()}
+    out = {k: without_steps(v) for k, v in cfg.items()}
     if isinstance(out.get("train"), dict):
         out["train"] = {k: v for k, v in out["train"].items() if k != "steps"}
     return out
@@ -397,3 +399,38 @@ class Trainer:
                 self.save()
         bar.close()
         return self.history
+
+
+# ---------------------------------------------------------------------------------------------
+# what a component tells the stage lifecycle (stages.py) about a stage
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How to build, feed, train and wrap one stage's network; `stages.py` does the rest.
+
+    Training runs `prepare` -> `batches` -> (seeding) -> `build` -> `Trainer.fit` -> `wrap` -> `finish`;
+    loading runs `build` -> the checkpoint's EMA weights -> `wrap`. `cfg` is the stage's own config (e.g. a
+    `DecoderConfig`); `dims` a JSON dict of what the network is built from besides `cfg` (sizes read off the
+    stages it needs; recorded, so loading needs no refit); `ctx` the run as the stage sees it: `ctx.cfg`
+    (every component's config), `ctx.device`, `ctx.seed`, `ctx.world`, `ctx.dataset(split)`,
+    `ctx.embeddings(split)` (the CLIP cache), `ctx.save(name, payload, config)` / `ctx.load(name, config)`
+    (artifacts in the stage's folder, tied to the stages it was trained from), `ctx.id` (the stage's id).
+    """
+    name: str                                   # the stage (and, by default, the `stages.Config` field of its config)
+    needs: tuple[str, ...]                      # stages trained first; their ids are recorded as `requires`
+    notebook: str                               # the notebook that teaches it
+    about: str                                  # one line for `python -m unclip_mini stages`
+    build: Callable                             # build(cfg, dims) -> a freshly initialised nn.Module
+    batches: Callable                           # batches(cfg, dims, ctx) -> (get_batch(indices) -> batch, size)
+    loss: Callable                              # loss(cfg, dims, ctx) -> loss_fn(model, batch, generator)
+    wrap: Callable                              # wrap(network, cfg, dims, ctx) -> the object later stages use
+    prepare: Callable | None = None             # prepare(cfg, ctx) -> dims (may save artifacts); default {}
+    finish: Callable | None = None              # finish(obj, cfg, dims, ctx) -> dict kept in the record
+    pretrained: Callable | None = None          # pretrained(cfg, ctx) -> a network with weights, or None to train
+    sampling_fields: tuple[str, ...] = ()       # config fields read at use time, not trained (no retraining)
+    config_field: str | None = None             # the `stages.Config` field, when it is not `name`
+
+    @property
+    def field(self) -> str:
+        return self.config_field or self.name

@@ -18,7 +18,7 @@ ResBlocks get the timestep embedding by scale-shift norm (FiLM): GroupNorm(h) * 
 
 What we add for the CPU: `pixel_unshuffle = r` puts a space-to-depth by r in front of the U-Net
 ([B, C, H, W] -> [B, C*r*r, H/r, W/r]) and a depth-to-space after it, so every convolution runs on an
-r-times smaller map (DESIGN.md: r = 2 made toy training 3x cheaper and made it work).
+r-times smaller map (r = 2 makes a toy training step about 3x cheaper: README, measurements).
 What we leave out: fp16 code inside the model (use autocast in the training loop), class labels,
 1-D/3-D variants, ADM's `num_heads` (we only use `num_head_channels`, as GLIDE and unCLIP do).
 """
@@ -41,7 +41,7 @@ class UNetConfig(PresetConfig):
     """Hyper-parameters of one U-Net. Presets `smoke/toy/small/paper()` are the DECODER's;
     `UNetConfig.upsampler(stage, preset)` gives the two upsamplers'. Defaults = toy decoder.
 
-    Paper values are unCLIP Table 3 (verified against the arXiv text): decoder 64 px / upsampler
+    Paper values are unCLIP Table 3: decoder 64 px / upsampler
     64->256 / upsampler 256->1024. `attention_resolutions` and `image_size` are side lengths of the
     feature maps AFTER the pixel unshuffle: with image_size 32 and pixel_unshuffle 2 the U-Net's
     levels work at 16, 8, 4 px, and `attention_resolutions=(8,)` means the second level.

@@ -10,270 +10,35 @@
     model at the target resolution." (unCLIP §2.1)
 
 What is here:
-    degradations   `gaussian_blur` (stage 1: kernel 3, sigma 0.6) and the BSR components of Zhang et al.
-                   2021 ("BSRGAN"): `random_blur`, `random_resize`, `gaussian_noise`, `camera_noise`,
-                   `jpeg`, mixed by `bsr_degrade`; all batched `[B, 3, h, w]` in [-1, 1] and seeded
     UpsamplerConfig  one stage's U-Net (unet.UNetConfig.upsampler), diffusion, corruption, crops, sampling
     training_pairs   (high-res crop, its low-res window, the corrupted conditioning) rendered on the fly
     Upsampler        the trained model (EMA weights): `upsample(low_res [B,3,h,w]) -> [B,3,4h,4w]`
-    stage functions  train_upsampler1/2, load_upsampler1/2 (stages "upsampler1", "upsampler2"),
-                     `train` / `load` for variants (e.g. stage 1 without corruption), `benchmark`
+    SPEC1, SPEC2     the stages "upsampler1" and "upsampler2" (their corruptions: degradations.py)
 
 The conditioning image is resized to the output size (bilinear, as GLIDE's super-resolution model
 does) and concatenated to x_t as 3 extra input channels (`cond=` of the U-Net). No caption, no guidance.
 Below the `paper` preset two things differ from the paper, both for learning per CPU-second:
 `cond_skip` (the U-Net predicts x_0 minus the bilinear upsample, instead of eps) and `crop_focus`
 (half the crops are centred near an object; uniform quarter-size crops of a toy scene are half
-background). Left out: BSRGAN's reverse-ISP camera model (we use Poisson shot + Gaussian read noise),
-its sharpening of the target, and the paper's fp16 / distributed training details.
+background). Left out: the paper's fp16 / distributed training details.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
-import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .config import PresetConfig, check, check_choice, check_range
+from .degradations import DEGRADATIONS, check_images, degrade
 from .errors import ConfigError, DataError
-from .gaussian_diffusion import DiffusionConfig, create_diffusion, respace
-from .train import TrainConfig
+from .data import to_float
+from .gaussian_diffusion import DiffusionConfig, create_diffusion, randn, respace
+from .train import StageSpec, TrainConfig
 from .unet import UNetConfig, UNetModel
 
 SCALE = 4                                 # each upsampler multiplies the side by 4 (paper: 64->256->1024)
-DEGRADATIONS = ("blur", "bsr", "none")    # what corrupts the conditioning image during training
-STAGE_NAMES = {1: "upsampler1", 2: "upsampler2"}
-
-# BSR ranges (BSRGAN, Zhang et al. 2021), applied to the LOW-res image at its own size, so the blur
-# and resize ranges are BSRGAN's x4 ranges divided by about 4; noise and JPEG ranges are BSRGAN's.
-BSR_RANGES = {
-    "blur_sigma": (0.2, 1.5),        # px of the low-res image; isotropic or anisotropic (BSRGAN: HR px)
-    "resize_scale": (0.5, 1.0),      # down by this factor, then back up (BSRGAN: down 1/8..1, up 1..2)
-    "noise_level": (2, 25),          # Gaussian noise std in 8-bit levels (BSRGAN: 2..25)
-    "camera_log10_photons": (2.0, 4.0),  # shot noise: photons per unit intensity = 10^U (BSRGAN: 2..4)
-    "jpeg_quality": (30, 95),        # JPEG quality factor (BSRGAN: 30..95)
-}
-# Per image, each step is applied with this probability ("slightly corrupt", unCLIP §2.1). BSRGAN applies
-# nearly every step; measured here (toy, 500 steps), halving these from (0.5, 0.5, 0.5, 0.25, 0.75) kept
-# the hatch that heavier mixtures taught upsampler 2 to erase (32.8 vs 32.3 dB PSNR).
-BSR_PROBS = {"blur": 0.25, "resize": 0.25, "noise": 0.25, "camera": 0.1, "jpeg": 0.5}
-
-
-# ---------------------------------------------------------------------------------------------
-# randomness: every degradation runs on the CPU from a CPU generator seeded by the caller's one
-# ---------------------------------------------------------------------------------------------
-
-def _cpu_generator(generator: torch.Generator | None) -> torch.Generator:
-    """A CPU generator seeded from `generator` (any device; None: torch's global RNG)."""
-    if generator is None:
-        seed = int(torch.randint(0, 2**62, (1,)))
-    else:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    return torch.Generator().manual_seed(seed)
-
-
-def _uniform(g, low, high, n=1) -> torch.Tensor:
-    """`n` floats uniform in [low, high) `[n]` (CPU generator)."""
-    return low + (high - low) * torch.rand(n, generator=g, dtype=torch.float64)
-
-
-def _check_images(images, what="images") -> torch.Tensor:
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise DataError(f"{what} must be a float tensor [B, 3, H, W] in [-1, 1], got {shape}")
-    if not images.is_floating_point():
-        raise DataError(f"{what} are {images.dtype}; the upsamplers take float images in [-1, 1]: "
-                        f"convert with data.to_float(images)")
-    return images
-
-
-# ---------------------------------------------------------------------------------------------
-# blur
-# ---------------------------------------------------------------------------------------------
-
-def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian `[size]` (odd size, centred): the separable factor of the 2-D blur."""
-    if not isinstance(size, int) or size < 1 or size % 2 == 0:
-        raise ConfigError(f"blur kernel size {size!r} must be a positive odd int (paper: 3)")
-    if not sigma > 0:
-        raise ConfigError(f"blur sigma {sigma!r} must be > 0 (paper: 0.6)")
-    x = torch.arange(size, dtype=torch.float64) - size // 2
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return (k / k.sum()).float()
-
-
-def _filter(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Convolve each image with its own 2-D kernel: images [B, C, H, W], kernels [B, k, k] -> [B, C, H, W].
-
-    Edges are replicated (any image size works, even a 4-px low-res window).
-    """
-    b, c, h, w = images.shape
-    k = kernels.shape[-1]
-    x = F.pad(images.reshape(1, b * c, h, w), (k // 2,) * 4, mode="replicate")
-    weight = kernels.to(images).repeat_interleave(c, dim=0)[:, None]   # [B*C, 1, k, k]
-    return F.conv2d(x, weight, groups=b * c).reshape(b, c, h, w)
-
-
-def gaussian_blur(images: torch.Tensor, kernel_size: int = 3, sigma: float = 0.6) -> torch.Tensor:
-    """Stage 1's corruption (paper: kernel 3, sigma 0.6): `[B, 3, H, W]` -> `[B, 3, H, W]`."""
-    _check_images(images)
-    k = gaussian_kernel(kernel_size, sigma)
-    k2 = torch.outer(k, k)                                           # [k, k], sums to 1
-    return _filter(images, k2.expand(images.shape[0], -1, -1))
-
-
-def _anisotropic_kernel(size, sigma_u, sigma_v, theta) -> torch.Tensor:
-    """2-D Gaussian `[size, size]` with std sigma_u along angle theta and sigma_v across it."""
-    r = torch.arange(size, dtype=torch.float64) - size // 2
-    y, x = torch.meshgrid(r, r, indexing="ij")
-    c, s = math.cos(theta), math.sin(theta)
-    u, v = c * x + s * y, -s * x + c * y
-    k = torch.exp(-0.5 * ((u / sigma_u) ** 2 + (v / sigma_v) ** 2))
-    return (k / k.sum()).float()
-
-
-def random_blur(images, generator=None, sigma_range=BSR_RANGES["blur_sigma"]) -> torch.Tensor:
-    """BSR blur: per image an isotropic (p 0.5) or anisotropic, rotated Gaussian. `[B, 3, H, W]`."""
-    images = _check_images(images)
-    g = _cpu_generator(generator)
-    size = 2 * math.ceil(3 * sigma_range[1]) + 1
-    kernels = []
-    for _ in range(images.shape[0]):
-        iso, su, sv, theta = _uniform(g, 0, 1, 4).tolist()
-        lo, hi = sigma_range
-        su, sv = lo + (hi - lo) * su, lo + (hi - lo) * sv
-        if iso < 0.5:
-            sv = su
-        kernels.append(_anisotropic_kernel(size, su, sv, theta * math.pi))
-    return _filter(images.cpu(), torch.stack(kernels)).to(images.device)
-
-
-# ---------------------------------------------------------------------------------------------
-# resizing, noise, JPEG
-# ---------------------------------------------------------------------------------------------
-
-DOWN_MODES = ("bilinear", "bicubic", "area")
-UP_MODES = ("bilinear", "bicubic")
-
-
-def _resize(x, size, mode):
-    kw = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(x, size=size, mode=mode, **kw)
-
-
-def random_resize(images, generator=None, scale_range=BSR_RANGES["resize_scale"]) -> torch.Tensor:
-    """BSR resizing: per image, down by a random factor with a random filter, then back up. `[B, 3, H, W]`."""
-    images = _check_images(images)
-    g = _cpu_generator(generator)
-    h, w = images.shape[-2:]
-    out = []
-    for x in images.cpu().split(1):
-        s, down, up = _uniform(g, 0, 1, 3).tolist()
-        s = scale_range[0] + (scale_range[1] - scale_range[0]) * s
-        small = _resize(x, (max(1, round(h * s)), max(1, round(w * s))), DOWN_MODES[int(down * 3)])
-        out.append(_resize(small, (h, w), UP_MODES[int(up * 2)]))
-    return torch.cat(out).clamp(-1, 1).to(images.device)
-
-
-def gaussian_noise(images, generator=None, level_range=BSR_RANGES["noise_level"]) -> torch.Tensor:
-    """BSR Gaussian noise of a random std (8-bit levels): colour (p 0.4), grey (p 0.4) or
-    channel-correlated (p 0.2) with a random covariance, as BSRGAN draws it. `[B, 3, H, W]`."""
-    images = _check_images(images)
-    g = _cpu_generator(generator)
-    b, _, h, w = images.shape
-    out = images.detach().cpu().clone()
-    for i in range(b):
-        level = int(_uniform(g, level_range[0], level_range[1] + 1)) / 255 * 2   # in [-1, 1] units
-        kind = float(_uniform(g, 0, 1))
-        if kind < 0.4:    # grey: the same noise on every channel
-            noise = torch.randn(1, h, w, generator=g).expand(3, h, w) * level
-        elif kind < 0.8:  # colour: independent per channel
-            noise = torch.randn(3, h, w, generator=g) * level
-        else:             # correlated: covariance U^T D U with a random rotation U and scales D in [0, 1)
-            q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
-            cov = q.T @ torch.diag(torch.rand(3, generator=g, dtype=torch.float64)) @ q
-            chol = torch.linalg.cholesky(cov + 1e-9 * torch.eye(3, dtype=torch.float64)).float()
-            noise = (chol @ torch.randn(3, h * w, generator=g)).reshape(3, h, w) * (level_range[1] / 255 * 2)
-        out[i] += noise
-    return out.clamp(-1, 1).to(images.device)
-
-
-def camera_noise(images, generator=None, log10_photons=BSR_RANGES["camera_log10_photons"]) -> torch.Tensor:
-    """Camera-style noise: Poisson shot noise (signal-dependent: brighter pixels get more photons) on
-    every channel (p 0.5) or on the luma only, plus a little Gaussian read noise. `[B, 3, H, W]`.
-
-    BSRGAN's own camera model also runs a reverse/forward ISP (demosaicing, tone curve); left out here.
-    """
-    images = _check_images(images)
-    g = _cpu_generator(generator)
-    out = []
-    luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-    for x in images.detach().cpu().split(1):
-        x = ((x[0] + 1) / 2).clamp(0, 1)                                 # [3, H, W] in [0, 1]
-        photons, colour, read = _uniform(g, 0, 1, 3).tolist()
-        photons = 10 ** (log10_photons[0] + (log10_photons[1] - log10_photons[0]) * photons)
-        if colour < 0.5:
-            x = torch.poisson(x * photons, generator=g) / photons
-        else:
-            y = (x * luma).sum(0, keepdim=True)
-            x = x + torch.poisson(y * photons, generator=g) / photons - y
-        x = x + torch.randn(x.shape, generator=g) * (0.01 * read)        # read noise, std up to 1%
-        out.append(x * 2 - 1)
-    return torch.stack(out).clamp(-1, 1).to(images.device)
-
-
-def jpeg(images, generator=None, quality_range=BSR_RANGES["jpeg_quality"], quality: int | None = None) -> torch.Tensor:
-    """JPEG compression (PIL) at a random quality per image (or a fixed `quality`). `[B, 3, H, W]`."""
-    from PIL import Image
-    images = _check_images(images)
-    g = _cpu_generator(generator)
-    u8 = images.detach().float().cpu().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    out = []
-    for x in u8:
-        q = quality if quality is not None else int(_uniform(g, quality_range[0], quality_range[1] + 1))
-        buf = io.BytesIO()
-        Image.fromarray(x.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=q)
-        buf.seek(0)
-        with Image.open(buf) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-        out.append(torch.from_numpy(arr).permute(2, 0, 1))
-    return (torch.stack(out).float() / 127.5 - 1).to(images.device)
-
-
-def bsr_degrade(images, generator=None, probs=BSR_PROBS) -> torch.Tensor:
-    """Stage 2's corruption: a random mixture of BSR degradations per image. `[B, 3, H, W]`.
-
-    Per image: the steps (blur, blur, resize, noise) in a random order (BSRGAN's "degradation
-    shuffle"), each kept with its probability, then camera noise, then JPEG last (as BSRGAN ends).
-    """
-    images = _check_images(images)
-    g = _cpu_generator(generator)
-    ops = {"blur": random_blur, "resize": random_resize, "noise": gaussian_noise, "camera": camera_noise,
-           "jpeg": jpeg}
-    out = []
-    for x in images.detach().cpu().split(1):
-        order = [("blur", "blur", "resize", "noise")[i] for i in torch.randperm(4, generator=g).tolist()]
-        for name in order + ["camera", "jpeg"]:
-            if float(_uniform(g, 0, 1)) < probs[name]:
-                x = ops[name](x, g)
-        out.append(x)
-    return torch.cat(out).to(images.device)
-
-
-def degrade(images, kind: str, generator=None, blur_kernel: int = 3, blur_sigma: float = 0.6) -> torch.Tensor:
-    """Corrupt conditioning images: 'blur' (fixed Gaussian), 'bsr' (random mixture) or 'none'."""
-    if kind not in DEGRADATIONS:
-        raise ConfigError(f"unknown degradation {kind!r}; valid choices: {', '.join(map(repr, DEGRADATIONS))}")
-    if kind == "blur":
-        return gaussian_blur(images, blur_kernel, blur_sigma)
-    if kind == "bsr":
-        return bsr_degrade(images, generator)
-    return _check_images(images)
-
 
 # ---------------------------------------------------------------------------------------------
 # config
@@ -291,7 +56,7 @@ def _diffusion(stage: int, preset: str) -> DiffusionConfig:
 def _train(stage: int, preset: str) -> TrainConfig:
     if preset == "smoke":
         return TrainConfig(steps=3, batch_size=4, warmup_steps=1, ckpt_every=1000, log_every=1)
-    if preset == "toy":  # notebook 07's CPU budget: ~50 s / ~65 s of one core (measured, 2-core machine)
+    if preset == "toy":  # about a minute of one core each (README, measurements)
         if stage == 1:
             return TrainConfig(steps=400, batch_size=16, lr=1e-3, warmup_steps=40, ckpt_every=200, log_every=10)
         return TrainConfig(steps=500, batch_size=4, lr=1e-3, warmup_steps=50, ckpt_every=250, log_every=10)
@@ -318,9 +83,7 @@ class UpsamplerConfig(PresetConfig):
     blur_kernel: int = 3                             # paper: 3
     blur_sigma: float = 0.6                          # paper: 0.6
     crop_fraction: float = 0.25                      # paper: 0.25 (random crops one-fourth the target size)
-    crop_focus: float = 0.0                          # paper: 0 (uniform crops); P(crop centred near an object):
-    # toy 0.5, as half the uniform crops of a toy scene are plain background (measured on 2 CPU cores:
-    # upsampler 2 after 500 steps of batch 4, 30.5 dB PSNR with uniform crops, 32.3 dB with 0.5)
+    crop_focus: float = 0.0                          # paper: 0 (uniform crops); P(crop centred near an object)
     sample_steps: int = 27                           # paper: 27 (stage 1), 15 (stage 2), DDIM
     cond_skip: bool = True                           # paper: False; ours: x0 = up(cond) + net (see `model_fn`)
     train: TrainConfig = dataclasses.field(default_factory=lambda: _train(1, "toy"))  # paper: 1M iterations
@@ -420,7 +183,6 @@ def training_pairs(world, scenes, cfg: UpsamplerConfig, out_res: int, generator=
     corruption), cond (low_res corrupted by cfg.degradation), crops [(top, left, c)]) with c = cfg.crop_size.
     Crop corners are multiples of 4, so the low-res window is exactly a window of the x4-smaller image.
     """
-    from .data import to_float
     c = cfg.crop_size
     if c > out_res:
         raise ConfigError(f"crop side {c} exceeds the {out_res}-px render: lower crop_fraction")
@@ -447,8 +209,7 @@ def model_fn(model, cond_skip: bool):
 
     cond_skip: the U-Net predicts x_0 - up(cond), the detail the bilinear upsample lacks (the residual
     that SRDiff, Li et al. 2022, diffuses). With its zero-initialised output layer the model starts at
-    the bilinear upsample; measured on 2 CPU cores, 300 steps of v-prediction without it still left
-    visible noise everywhere (17.9 dB vs 25.5 dB for bilinear), with it 25.5 dB and sharp outlines.
+    the bilinear upsample, so a short run learns only the detail (README, measurements).
     """
     if not cond_skip:
         return model
@@ -457,7 +218,6 @@ def model_fn(model, cond_skip: bool):
 
 def make_loss_fn(cfg: UpsamplerConfig, world, out_res: int):
     """loss_fn for `train.Trainer`: batch = list of scenes; every random draw comes from `generator`."""
-    from .gaussian_diffusion import _randn
     diffusion = create_diffusion(cfg.diffusion)
 
     def loss_fn(model, scenes, generator):
@@ -466,7 +226,7 @@ def make_loss_fn(cfg: UpsamplerConfig, world, out_res: int):
         x0 = pair["high_res"].to(device)
         cond = resize_cond(pair["cond"].to(device), x0.shape[-2:])
         t = diffusion.sample_timesteps(len(x0), generator, device)
-        noise = _randn(x0.shape, generator, device)
+        noise = randn(x0.shape, generator, device)
         losses = diffusion.training_losses(model_fn(model, cfg.cond_skip), x0, t, model_kwargs={"cond": cond},
                                            noise=noise)
         return losses["loss"].mean(), {}
@@ -481,15 +241,16 @@ def make_loss_fn(cfg: UpsamplerConfig, world, out_res: int):
 class Upsampler:
     """A trained upsampler (EMA weights): `upsample(low_res [B, 3, h, w]) -> [B, 3, 4h, 4w]`."""
 
-    def __init__(self, cfg: UpsamplerConfig, model: UNetModel, device, name: str = "", history=None):
-        self.cfg, self.device, self.name, self.history = cfg, torch.device(device), name, history
+    def __init__(self, cfg: UpsamplerConfig, model: UNetModel, device):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.record = None  # the stage record, when it came from a run folder (stages.load_or_train)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.base_diffusion = create_diffusion(cfg.diffusion)
         self._spaced = {}
 
     def __repr__(self):
         return (f"Upsampler(stage={self.cfg.stage}, degradation={self.cfg.degradation!r}, "
-                f"sample_steps={self.cfg.sample_steps}, name={self.name!r})")
+                f"sample_steps={self.cfg.sample_steps})")
 
     def diffusion(self, steps: int | None = None):
         """The diffusion respaced to `steps` DDIM steps (default cfg.sample_steps), cached."""
@@ -504,7 +265,7 @@ class Upsampler:
 
     def check_input(self, low_res) -> torch.Tensor:
         """Refuse what the model cannot take; returns the images on the model's device."""
-        low_res = _check_images(low_res, "low_res")
+        low_res = check_images(low_res, "low_res")
         m = self.cfg.input_multiple
         h, w = low_res.shape[-2:]
         if h % m or w % m:
@@ -527,8 +288,7 @@ class Upsampler:
         b, _, h, w = low_res.shape
         shape = (b, 3, SCALE * h, SCALE * w)
         if noise is None:
-            from .gaussian_diffusion import _randn
-            noise = _randn(shape, generator, self.device)
+                    noise = randn(shape, generator, self.device)
         elif tuple(noise.shape) != shape:
             raise DataError(f"noise has shape {tuple(noise.shape)} but must be {shape} (x4 of low_res)")
         diffusion = self.diffusion(steps)
@@ -546,129 +306,33 @@ class Upsampler:
 # the stages
 # ---------------------------------------------------------------------------------------------
 
-def out_resolution(run, cfg: UpsamplerConfig) -> int:
-    """Side of the full output image of `cfg`'s stage in this run: base resolution * 4**stage."""
-    out_res = run.cfg.data.resolution * SCALE ** cfg.stage
+def out_resolution(data_resolution: int, cfg: UpsamplerConfig) -> int:
+    """Side of the full output image of `cfg`'s stage: base resolution * 4**stage (checked against the U-Net)."""
+    out_res = data_resolution * SCALE ** cfg.stage
     if cfg.unet.image_size != out_res:
-        raise ConfigError(f"upsampler {cfg.stage}'s unet.image_size = {cfg.unet.image_size} but this run's images "
-                          f"are {run.cfg.data.resolution} px, so stage {cfg.stage} outputs {out_res} px: build the "
-                          f"config with UpsamplerConfig.stage{cfg.stage}('{run.preset}') or set "
-                          f"unet.image_size={out_res}")
+        raise ConfigError(f"upsampler {cfg.stage}'s unet.image_size = {cfg.unet.image_size} but the base images "
+                          f"are {data_resolution} px, so stage {cfg.stage} outputs {out_res} px: build the config "
+                          f"with UpsamplerConfig.stage{cfg.stage}(preset) or set unet.image_size={out_res}")
     return out_res
 
 
-def stage_config(run, cfg: UpsamplerConfig) -> dict:
-    """Everything that determines a trained upsampler (its fields at the top level, so that
-    `train.steps` may grow on resume), plus the data world and the seed."""
-    return {**cfg.to_dict(), "data": run.cfg.data.to_dict(), "seed": run.seed}
+def _prepare(cfg: UpsamplerConfig, ctx) -> dict:
+    return {"out_res": out_resolution(ctx.cfg.data.resolution, cfg)}
 
 
-def train(run, name: str, cfg: UpsamplerConfig | None = None, steps: int | None = None,
-          progress: bool = True) -> Upsampler:
-    """Train an upsampler as stage `name` of the run folder (resuming its checkpoint if there is one).
-
-    cfg: default `run.cfg.<name>` (so 'upsampler1' / 'upsampler2'); pass another for a variant, e.g.
-    `train(run, "upsampler1_clean", run.cfg.upsampler1.replace(degradation="none"))`.
-    """
-    from .stages import write_record
-    from .train import Trainer
-    if cfg is None:
-        if name not in STAGE_NAMES.values():
-            raise ConfigError(f"stage {name!r} has no config in run.cfg: pass cfg= (an UpsamplerConfig) or use "
-                              f"{' / '.join(STAGE_NAMES.values())}")
-        cfg = getattr(run.cfg, name)
-    if steps is not None:
-        cfg = cfg.replace(train=cfg.train.replace(steps=steps))
-    out_res = out_resolution(run, cfg)
-    world = run.world
-    run.seed_everything()
-    model = UNetModel(cfg.unet)   # initialised after seeding: same seed -> same weights
-    config = stage_config(run, cfg)
-    trainer = Trainer(model, make_loss_fn(cfg, world, out_res), lambda idx: world.scenes(idx.tolist(), "train"),
-                      run.cfg.data.train_size, cfg.train, run.folder.checkpoint_path(name), stage=name,
-                      config=config, seed=run.seed, device=run.device, progress=progress)
-    history = trainer.fit()
-    record = write_record(run, name, config, history=history)
-    return Upsampler(cfg, trainer.ema.model, run.device, name=record["id"], history=history)
+def _batches(cfg: UpsamplerConfig, dims, ctx):
+    world = ctx.world
+    return (lambda idx: world.scenes(idx.tolist(), "train")), ctx.cfg.data.train_size
 
 
-def load(run, name: str) -> Upsampler:
-    """The trained upsampler `name` of the run folder (EMA weights), with the config it was trained with."""
-    from .stages import trained_record
-    from .train import load_checkpoint
-    record = trained_record(run, name)
-    fields = {f.name for f in dataclasses.fields(UpsamplerConfig)}
-    cfg = UpsamplerConfig.from_dict({k: v for k, v in record["config"].items() if k in fields})
-    ckpt = load_checkpoint(run.folder.checkpoint_path(name), stage=name, config=record["config"],
-                           fix=f"delete {run.folder.root / name} to retrain {name}")
-    model = UNetModel(cfg.unet)
-    model.load_state_dict(ckpt["ema"])
-    return Upsampler(cfg, model, run.device, name=record["id"], history=record.get("history"))
+def _spec(stage: int, about: str) -> StageSpec:
+    return StageSpec(
+        name=f"upsampler{stage}", needs=(), notebook="07_upsamplers", about=about, prepare=_prepare,
+        batches=_batches, build=lambda cfg, dims: UNetModel(cfg.unet),
+        loss=lambda cfg, dims, ctx: make_loss_fn(cfg, ctx.world, dims["out_res"]),
+        wrap=lambda network, cfg, dims, ctx: Upsampler(cfg, network, ctx.device),
+        sampling_fields=("sample_steps",))
 
 
-def load_or_train(run, name: str, cfg: UpsamplerConfig, steps: int | None = None, progress: bool = True) -> Upsampler:
-    """Load upsampler `name` if it was trained with `cfg` (and `steps`), else train (or resume) it.
-
-    For variants that are not registered stages, e.g. stage 1 without corruption for the ablation.
-    """
-    from .stages import read_record
-    if steps is not None:
-        cfg = cfg.replace(train=cfg.train.replace(steps=steps))
-    record = read_record(run, name)
-    if record is not None and record["config"] == stage_config(run, cfg):
-        return load(run, name)
-    return train(run, name, cfg, progress=progress)
-
-
-def train_upsampler1(run, steps: int | None = None) -> Upsampler:
-    """Stage 'upsampler1': base -> x4, Gaussian-blur corrupted conditioning."""
-    return train(run, "upsampler1", run.cfg.with_steps("upsampler1", steps).upsampler1)
-
-
-def load_upsampler1(run) -> Upsampler:
-    return load(run, "upsampler1")
-
-
-def train_upsampler2(run, steps: int | None = None) -> Upsampler:
-    """Stage 'upsampler2': x4 -> x16, BSR-degraded conditioning."""
-    return train(run, "upsampler2", run.cfg.with_steps("upsampler2", steps).upsampler2)
-
-
-def load_upsampler2(run) -> Upsampler:
-    return load(run, "upsampler2")
-
-
-def benchmark(run, step_counts=None, n: int = 1, up1: Upsampler | None = None, up2: Upsampler | None = None,
-              split: str = "val") -> dict:
-    """Sampling time per image of the chain base -> x4 -> x16, stage by stage, at each step count.
-
-    step_counts: (stage-1 steps, stage-2 steps) pairs; default (5, 5), (10, 10) and the configs' own
-    (paper: 27, 15). Inputs: `n` ground-truth base renders of `split`. Returns a flat dict of seconds
-    per image: 'upsampler1_s@S1', 'upsampler2_s@S2', 'chain_s@S1+S2', plus 'n', 'device', 'threads'.
-    """
-    from .data import to_float
-    from .stages import load_or_train
-    up1 = up1 or load_or_train(run, "upsampler1", verbose=False)
-    up2 = up2 or load_or_train(run, "upsampler2", verbose=False)
-    step_counts = step_counts or ((5, 5), (10, 10), (up1.cfg.sample_steps, up2.cfg.sample_steps))
-    scenes = run.dataset(split).scenes()[:n]
-    low = to_float(run.world.render(scenes)).to(up1.device)
-    g = torch.Generator().manual_seed(0)
-    out = {"n": n, "device": str(up1.device), "threads": torch.get_num_threads()}
-
-    def timed(fn):
-        if up1.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        y = fn()
-        if up1.device.type == "cuda":
-            torch.cuda.synchronize()
-        return y, (time.perf_counter() - t0) / n
-
-    for s1, s2 in step_counts:
-        mid, t1 = timed(lambda: up1.upsample(low, steps=s1, generator=g))
-        _, t2 = timed(lambda: up2.upsample(mid, steps=s2, generator=g))
-        out[f"upsampler1_s@{s1}"] = t1
-        out[f"upsampler2_s@{s2}"] = t2
-        out[f"chain_s@{s1}+{s2}"] = t1 + t2
-    return out
+SPEC1 = _spec(1, "base -> x4, Gaussian-blur corrupted conditioning")
+SPEC2 = _spec(2, "x4 -> x16, BSR-degraded conditioning")

@@ -1,0 +1,66 @@
+"""The attribute checker: what it reads, how accuracies are counted, its stage."""
+import pytest
+import torch
+
+from unclip_mini import checker as C
+from unclip_mini import data, stages
+from unclip_mini.errors import DataError
+
+
+def make_checker(world):
+    torch.manual_seed(0)
+    c = world.cfg
+    return C.Checker(C.CheckerConfig.smoke(), c.colours, c.shapes, c.sizes).eval()
+
+
+def test_checker_shapes_and_targets(world):
+    checker = make_checker(world)
+    scenes = world.scenes(range(20))
+    images = world.render(scenes)
+    out = checker(images)                                       # uint8 accepted
+    assert out["colour"].shape == (20, 4, len(world.cfg.colours) + 1)
+    assert out["shape"].shape == (20, 4, len(world.cfg.shapes) + 1)
+    assert checker(data.to_float(world.render(scenes, 32)))["size"].shape == (20, 4, 3)  # any resolution
+    t = checker.targets(scenes)
+    for s, colour, shape in zip(scenes, t["colour"], t["shape"]):
+        assert int((colour > 0).sum()) == len(s.objects) == int((shape > 0).sum())
+        o = s.objects[0]
+        cell = 2 * o.cell[0] + o.cell[1]
+        assert world.cfg.colours[int(colour[cell]) - 1] == o.colour
+        assert world.cfg.shapes[int(shape[cell]) - 1] == o.shape
+
+
+def test_attribute_accuracy_semantics(world, monkeypatch):
+    checker = make_checker(world)
+    scenes = [s for s in world.scenes(range(40)) if len(s.objects) == 1][:10]
+    images = torch.zeros(len(scenes), 3, 16, 16)
+    truth = checker.targets(scenes)
+    monkeypatch.setattr(checker, "predict", lambda images: {k: v.clone() for k, v in truth.items()})
+    perfect = C.attribute_accuracy(checker, images, scenes)
+    assert all(perfect[k] == 1.0 for k in ("colour", "shape", "size", "position", "count", "all"))
+    # move every object to the next cell: colour/shape/size still right, position and scene wrong
+    moved = {k: v.roll(1, dims=1) for k, v in truth.items()}
+    monkeypatch.setattr(checker, "predict", lambda images: moved)
+    acc = C.attribute_accuracy(checker, images, scenes)
+    assert (acc["colour"], acc["shape"], acc["position"], acc["count"], acc["all"]) == (1.0, 1.0, 0.0, 1.0, 0.0)
+    # wrong colour in the first image only
+    wrong = {k: v.clone() for k, v in truth.items()}
+    cell = int(wrong["colour"][0].argmax())
+    wrong["colour"][0, cell] = wrong["colour"][0, cell] % len(world.cfg.colours) + 1
+    monkeypatch.setattr(checker, "predict", lambda images: wrong)
+    acc = C.attribute_accuracy(checker, images, scenes)
+    assert acc["colour"] == pytest.approx(0.9) and acc["shape"] == 1.0 and acc["all"] == pytest.approx(0.9)
+    with pytest.raises(DataError, match="one scene per image"):
+        C.attribute_accuracy(checker, images[:3], scenes)
+
+
+def test_checker_stage_round_trip(tmp_path):
+    run = stages.Run("smoke", run_dir=tmp_path)
+    trained = stages.load_or_train(run, "checker", verbose=False)
+    record = stages.read_record(run, "checker")
+    accuracy = record["results"]["accuracy"]
+    assert set(accuracy) == {"val", "heldout"} and 0 <= accuracy["val"]["all"] <= 1
+    assert record["dims"]["shapes"] == list(run.cfg.data.shapes)
+    loaded = stages.load_stage(run, "checker")
+    images = run.dataset("val").images()[:8]
+    torch.testing.assert_close(loaded(images)["shape"], trained(images)["shape"])
