@@ -132,20 +132,29 @@ def test_oracle_recovers_x0_with_ddpm_and_all_parameterisations_agree():
     assert_close(means[1], means[0], atol=2e-4, rtol=0) and assert_close(means[2], means[0], atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("respacing", [None, "ddim50"])
-def test_ddim_inversion_round_trip_with_oracle(respacing):
-    base = make(1000)
+@pytest.mark.parametrize("steps,respacing,atol", [(1000, None, 1e-4), (1000, "ddim50", 1e-5), (10, None, 1e-5)])
+def test_ddim_inversion_round_trip_with_oracle(steps, respacing, atol):
+    base = make(steps)
     d = base if respacing is None else gd.respace(base, respacing)
     x0 = known_x0()
     model = oracle(base, x0)  # fed the original step indices through SpacedDiffusion's map
     x_T = d.ddim_reverse_sample_loop(model, x0)
-    # the oracle's ODE path is x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps0, eps0 the noise it reads off
-    # x0 at t = 0; inversion's last step lands on abar = 0 (ADM's alphas_cumprod_next), so x_T = eps0
+    # the oracle's ODE path is x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps0, eps0 the noise it reads off x0
+    # at t = 0; inversion must stop on the chain's noisiest level, where sampling starts (not one past it:
+    # alpha-bar = 0 would give eps0 alone, which the 10-step chain, abar_9 = 2.4e-5, tells apart)
     eps0 = model(x0, torch.zeros(SHAPE[0], dtype=torch.long))
-    assert_close(x_T, eps0, atol=1e-4, rtol=0)
+    abar = d.alphas_cumprod[-1]
+    assert_close(x_T, abar.sqrt() * x0 + (1 - abar).sqrt() * eps0, atol=atol, rtol=0)  # 999 steps: rounding
     x0_again = d.ddim_sample_loop(model, SHAPE, noise=x_T)
     err = (x0_again - x0).abs().max().item()
-    assert err < 1e-5, err  # measured 6e-8 (1000 steps) and 1.2e-7 (50 steps): float32 rounding only
+    assert err < 1e-5, err  # float32 rounding only
+
+
+def test_ddim_inversion_takes_one_step_fewer_than_the_chain():
+    d = make(10)
+    calls = []
+    d.ddim_reverse_sample_loop(lambda x, t: calls.append(int(t[0])) or torch.zeros_like(x), known_x0())
+    assert calls == list(range(9)), calls  # levels 0 .. 8 are carried up to 1 .. 9
 
 
 def test_ddim_inversion_of_gaussian_data_reaches_scaled_data():

@@ -388,10 +388,17 @@ class GaussianDiffusion(nn.Module):
 
     def ddim_reverse_sample_loop(self, model, x_start, clip_denoised=True, denoised_fn=None, model_kwargs=None,
                                  progress=False):
-        """DDIM inversion x_0 -> x_T `[B, ...]`: the x_T of unCLIP §3's bipartite latent (z_i, x_T)."""
+        """DDIM inversion x_0 -> x_T `[B, ...]`: the x_T of unCLIP §3's bipartite latent (z_i, x_T).
+
+        The image is taken as the chain's least noisy level (index 0) and carried up one level per step to the
+        noisiest, index T - 1, where `ddim_sample_loop` starts: T - 1 steps, so that sampling from the result
+        retraces them (a T-th step would overshoot to a level past the chain, alpha-bar = 0).
+        """
+        if self.num_timesteps < 2:
+            raise ConfigError("DDIM inversion needs a chain of at least 2 steps")
         step = lambda x, t: self.ddim_reverse_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         for out in self._loop(step, model, x_start.shape, x_start, model_kwargs, progress, None, x_start.device,
-                              range(self.num_timesteps)):
+                              range(self.num_timesteps - 1)):
             pass
         return out["sample"]
 
