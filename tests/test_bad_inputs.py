@@ -69,8 +69,18 @@ error (KeyError, TypeError, a torch RuntimeError, a pickle error) leaking instea
     sampling steps > trained (prior)        ConfigError      steps = 5000 -> must be an int in 2..100
     z_i of another CLIP (wrong dims)        DataError        (2, 8) must be [B, 16] -> use the decoder's CLIP
     FID of features of different dims       DataError        feature dims differ (4 vs 5) -> embed both with one CLIP
+    generate (text -> image)
+    generate: empty caption                 DataError        empty caption '' -> needs at least one word
+    generate: caption over the context      CaptionTooLong   has 32 tokens, reads at most 24 -> shorten it
+    generate: no trained run in the folder  ArtifactError    no trained unCLIP in ... -> python -m unclip_mini course
+    generate: one stage missing             ArtifactError    no trained upsampler2 stage -> python -m ... train it
+    generate: unknown prior                 ConfigError      unknown prior 'gan' -> valid priors: diffusion, ar
+    generate: a size no stage makes         ConfigError      size 100: makes 16, 64, 256 px -> pick one of those
+    generate: fewer than one image          ConfigError      n_per_caption = 0 -> at least 1 image per caption
+    generate: output that cannot be written ArtifactError    folder ... does not exist -> create it / another --out
+    generate: output not a PNG              ArtifactError    must be a .png file -> pass e.g. --out samples.png
 
-The trained-stage rows work on a copy of one smoke run (CLIP, diffusion prior and decoder, trained once
+The trained-stage rows work on a copy of one smoke run (CLIP, both priors, decoder and upsamplers, trained once
 for the module in a few seconds). Run with `OMP_NUM_THREADS=1 python -m pytest -q tests/test_bad_inputs.py`.
 """
 from __future__ import annotations
@@ -92,6 +102,7 @@ from unclip_mini import decoder as D
 from unclip_mini import diffusion_prior as dp
 from unclip_mini.errors import (ArtifactError, CaptionTooLong, CheckpointError, ConfigError, DataError,
                                 DeviceError, TrainingDiverged, UnclipError)
+from unclip_mini.artifacts import check_output_path
 from unclip_mini.unet import UNetModel
 
 torch.set_num_threads(1)  # smoke models are tiny; the machine is shared
@@ -122,9 +133,19 @@ class Ctx:
 def trained_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained_smoke_run")
     run = stages.Run("smoke", run_dir=root, device="cpu")
-    for name in ("clip", "diffusion_prior", "decoder"):
+    for name in ("clip", "diffusion_prior", "ar_prior", "decoder", "upsampler1", "upsampler2"):
         stages.load_or_train(run, name, verbose=False)
     return root
+
+
+def pipeline(ctx):
+    return stages.load_pipeline(ctx.trained_run())
+
+
+def pipeline_missing_a_stage(ctx):
+    run = ctx.trained_run()
+    shutil.rmtree(run.folder.root / "upsampler2")
+    stages.load_pipeline(run)
 
 
 @functools.cache
@@ -476,6 +497,30 @@ CASES = [
     Case("fid_features_of_different_dims",
          lambda c: metrics.frechet_distance(torch.randn(10, 4), torch.randn(10, 5)),
          DataError, ["feature dims differ (4 vs 5)"], ["embed both sets with the same CLIP"]),
+
+    # -- generate (text -> image) ---------------------------------------------------------------
+    Case("generate_empty_caption", lambda c: pipeline(c).generate(["a red circle", " "]),
+         DataError, ["empty caption ' '"], ["every caption needs at least one word"]),
+    Case("generate_caption_too_long", lambda c: pipeline(c).generate(["a red circle " * 10]),
+         CaptionTooLong, ["has 32 tokens but the text encoder reads at most 24"], ["shorten it"]),
+    Case("generate_no_trained_run", lambda c: stages.load_pipeline(c.empty_run()),
+         ArtifactError, [R(r"no trained unCLIP in \S+empty_run")],
+         ["python -m unclip_mini course --preset smoke", "python -m unclip_mini train STAGE"]),
+    Case("generate_one_stage_missing", pipeline_missing_a_stage,
+         ArtifactError, [R(r"the run folder \S+ has no trained upsampler2 stage")],
+         ["`python -m unclip_mini train upsampler2 --preset smoke --run-dir"]),
+    Case("generate_unknown_prior", lambda c: pipeline(c).generate(["a red circle"], prior="gan"),
+         ConfigError, ["unknown prior 'gan'"], ["valid priors: diffusion, ar"]),
+    Case("generate_size_no_stage_makes", lambda c: pipeline(c).generate(["a red circle"], size=100),
+         ConfigError, ["size 100: this stack makes 16, 64, 256 px"], ["pick one of those"]),
+    Case("generate_fewer_than_one_image", lambda c: pipeline(c).generate(["a red circle"], n_per_caption=0),
+         ConfigError, ["n_per_caption = 0"], ["ask for at least 1 image per caption"]),
+    Case("generate_output_cannot_be_written",
+         lambda c: check_output_path(c.tmp / "no_such_folder" / "samples.png", ".png"),
+         ArtifactError, [R(r"cannot write \S+samples\.png: the folder \S+no_such_folder does not exist")],
+         ["create it or pass another --out"]),
+    Case("generate_output_not_a_png", lambda c: check_output_path(c.tmp / "samples.jpg", ".png"),
+         ArtifactError, [R(r"output \S+samples\.jpg must be a \.png file")], ["pass e.g. --out samples.png"]),
 ]
 
 
@@ -531,7 +576,7 @@ def test_the_table_covers_every_category_and_its_expectations_are_specific():
     for kind in ("size", "grey", "non_image", "empty_caption", "long_caption", "unknown_preset", "invalid_choice",
                  "unknown_stage", "never_trained", "random_bytes", "truncated", "another_stage", "another_config",
                  "another_clip", "cuda", "papermill", "not_writable", "nan_loss", "ar_prior", "guidance",
-                 "sampling_steps", "embeddings_cache_missing"):
+                 "sampling_steps", "embeddings_cache_missing", "generate_"):
         assert any(kind in i for i in ids), f"no case for {kind}"
     rows = re.findall(r"^    .{40}(?:\w+Error|CaptionTooLong|TrainingDiverged) ", __doc__, re.M)
     assert len(rows) == len(CASES), f"the docstring's table has {len(rows)} rows for {len(CASES)} cases"

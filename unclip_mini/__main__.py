@@ -3,15 +3,19 @@
     python -m unclip_mini course [--preset toy] [--out runs/toy] [--only 01 02] [--publish]
     python -m unclip_mini train STAGE [--preset toy] [--run-dir DIR] [--device auto] [--steps N]
     python -m unclip_mini bench [data prior ar_prior decoder upsampler] [--preset toy] [--peer]
+    python -m unclip_mini generate "a red circle left of a blue square" [-n 4] [--prior diffusion|ar]
+                                   [--size 32|128|512] [--seed 0] [--run-dir runs/toy] [--out samples.png]
     python -m unclip_mini stages
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
 
 from .config import PRESETS
-from .errors import UnclipError
+from .errors import ArtifactError, ConfigError, UnclipError
 
 
 def main(argv=None) -> int:
@@ -44,6 +48,19 @@ def main(argv=None) -> int:
     b.add_argument("--peer", action="store_true",
                    help="decoder: also time dalle2-pytorch's Unet in its own venv ($UNCLIP_PEER_PYTHON)")
 
+    g = sub.add_parser("generate", help="text -> image with the run's trained stages; writes a PNG grid")
+    g.add_argument("captions", nargs="+", help="one or more captions (quote each)")
+    g.add_argument("-n", type=int, default=4, help="images per caption (default 4)")
+    g.add_argument("--prior", default="diffusion", help="diffusion | ar (default diffusion)")
+    g.add_argument("--size", default=None, help="side of the output in px: the base, x4 or x16 (default: the largest)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--preset", default="toy")
+    g.add_argument("--run-dir", default=None, help="the trained run (default runs/<preset>)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--conditioning", default="prior", help="prior | text_embed | caption (§5.1; default prior)")
+    g.add_argument("--guidance", type=float, default=None, help="decoder guidance scale (default: its config's)")
+    g.add_argument("--out", default="samples.png", help="the PNG to write (default samples.png)")
+
     sub.add_parser("stages", help="list the stages and what they need")
 
     args = p.parse_args(argv)
@@ -64,6 +81,36 @@ def main(argv=None) -> int:
             from .bench import main as bench
             from .stages import Run
             bench(Run(args.preset, run_dir=args.run_dir, device=args.device), args.what, peer=args.peer)
+            return 0
+        if args.command == "generate":
+            from .artifacts import check_output_path
+            from .stages import Run, default_run_dir, load_pipeline
+            from .viz import caption_grid, save_png
+            out = check_output_path(args.out, ".png")       # before any work: a bad input writes nothing
+            if args.n < 1:
+                raise ConfigError(f"-n {args.n}: ask for at least 1 image per caption")
+            if args.preset not in PRESETS:
+                raise ConfigError(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
+            run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.preset)
+            if not run_dir.is_dir():
+                raise ArtifactError(f"no trained unCLIP in {run_dir} (the folder does not exist): train every stage "
+                                    f"with `python -m unclip_mini course --preset {args.preset} --out {run_dir}`")
+            pipe = load_pipeline(Run(args.preset, run_dir=run_dir, device=args.device))
+            size = int(args.size) if args.size and args.size.isdigit() else (args.size or pipe.sizes[-1])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pipe.check_captions(args.captions)
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)   # said once above
+                result = pipe.generate(args.captions, n_per_caption=args.n, prior=args.prior, seed=args.seed,
+                                       size=size, conditioning=args.conditioning, decoder_guidance=args.guidance,
+                                       progress=True)
+            save_png(caption_grid(result.final, result.captions, ncol=args.n), out)
+            secs = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+            n = len(result.captions)
+            print(f"wrote {out}: {n} image{'s' * (n > 1)} of {result.final.shape[-1]} px ({secs})")
             return 0
         if args.command == "stages":
             from .stages import STAGES

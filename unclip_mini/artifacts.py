@@ -53,6 +53,32 @@ def _atomic(path: Path, write):
     return path
 
 
+def atomic_write_file(path, write) -> Path:
+    """Write a file of any format atomically: `write(tmp_path)` fills a temporary file that is renamed onto
+    `path` (same folder)."""
+    return _atomic(path, write)
+
+
+def check_output_path(path, suffix: str) -> Path:
+    """Refuse an output file that cannot be written (wrong suffix, a folder, an unwritable place) before any
+    work is done, naming the problem and the fix. Returns the path; nothing is written."""
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        raise ArtifactError(f"output {path} must be a {suffix} file: pass e.g. --out samples{suffix}")
+    if path.is_dir():
+        raise ArtifactError(f"output {path} is a folder: pass a file name inside it, e.g. {path / ('samples' + suffix)}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot write {path}: the folder {parent} does not exist; create it or pass another --out")
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise ArtifactError(f"cannot write {path} ({e.strerror or e}): pass another --out or fix the folder's "
+                            f"permissions") from e
+    return path
+
+
 def atomic_torch_save(obj, path) -> Path:
     """`torch.save` to a temporary file, then rename: readers see the old file or the new one."""
     return _atomic(path, lambda tmp: torch.save(obj, tmp))

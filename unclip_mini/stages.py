@@ -443,3 +443,38 @@ def load_or_train(run: Run, name: str, steps: int | None = None, verbose: bool =
               f"(notebook {spec.notebook} explains this stage)")
     return train_stage(run, name, steps=steps, config=config, variant=variant)
 
+
+# ---------------------------------------------------------------------------------------------
+# the whole stack
+# ---------------------------------------------------------------------------------------------
+
+def load_pipeline(run: Run, train: bool = False, priors=("diffusion", "ar"), upsamplers: int = 2,
+                  glide: bool = False, verbose: bool = False):
+    """unCLIP (`unclip.UnCLIP`) from the run folder's trained stages: CLIP, the priors, the decoder and the
+    upsamplers (and, with `glide`, the GLIDE-style baseline beside it).
+
+    train=False (the `generate` command): every stage must be trained already; a missing one fails naming the
+    command that trains it. train=True (notebooks): missing stages are trained first, as `load_or_train` does.
+    """
+    from .unclip import UnCLIP
+    want = ["clip"] + [{"diffusion": "diffusion_prior", "ar": "ar_prior"}[p] for p in priors] + ["decoder"] + \
+        [f"upsampler{k}" for k in range(1, upsamplers + 1)] + (["glide"] if glide else [])
+    if not train:
+        missing = [s for s in want if read_record(run, s) is None]
+        if len(missing) == len(want):
+            raise ArtifactError(f"no trained unCLIP in {run.folder.root}: train every stage with `python -m "
+                                f"unclip_mini course --preset {run.preset} --out {run.folder.root}` (the notebooks) "
+                                f"or stage by stage with `python -m unclip_mini train STAGE --preset {run.preset} "
+                                f"--run-dir {run.folder.root}` for {', '.join(want)}")
+        if missing:
+            raise ArtifactError(f"the run folder {run.folder.root} has no trained {', '.join(missing)} stage"
+                                f"{'s' if len(missing) > 1 else ''}: train "
+                                + " and ".join(f"`python -m unclip_mini train {m} --preset {run.preset} --run-dir "
+                                               f"{run.folder.root}`" for m in missing))
+    get = (lambda s: load_or_train(run, s, verbose=verbose)) if train else (lambda s: load_stage(run, s))
+    parts = {s: get(s) for s in want}
+    return UnCLIP(parts["clip"], parts["decoder"],
+                  priors={p: parts[{"diffusion": "diffusion_prior", "ar": "ar_prior"}[p]] for p in priors},
+                  upsamplers=[parts[f"upsampler{k}"] for k in range(1, upsamplers + 1)],
+                  vocabulary={"colours": list(run.cfg.data.colours), "shapes": list(run.cfg.data.shapes)}
+                  if run.cfg.data.source == "toy" else None, glide=parts.get("glide"))

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import math
+import textwrap
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+from .artifacts import atomic_write_file
 
 
 def to_numpy_images(images) -> np.ndarray:
@@ -93,3 +97,37 @@ def bar(ax, labels, values, title=None, fmt="{:.2f}", ylim=None, color=None):
     if ylim:
         ax.set_ylim(*ylim)
     return ax
+
+
+def caption_grid(images, captions, ncol: int | None = None, scale: float = 1.0, fontsize: int = 9):
+    """Images with their captions under them, at their own pixel size (x `scale`); returns the figure.
+
+    images: `[N, 3, S, S]`; captions: N strings (wrapped at word boundaries to the image's width).
+    """
+    arr = to_numpy_images(images)
+    n, side = len(arr), arr.shape[1]
+    if len(captions) != n:
+        raise ValueError(f"{n} images but {len(captions)} captions: pass one caption per image")
+    ncol = ncol or min(n, 4)
+    rows, dpi, gap = math.ceil(n / ncol), 100, 0.04               # gap between images, inches
+    w = max(side * scale, 96) / dpi                               # one image's side, inches (at least ~1 inch)
+    chars = max(12, int(w * 72 / (0.55 * fontsize)))              # characters per caption line at this width
+    wrapped = [textwrap.fill(c, chars) for c in captions]
+    lines = max(s.count("\n") + 1 for s in wrapped)
+    text = (lines * fontsize * 1.3 + 8) / 72                      # the caption band under each row, inches
+    width, height = ncol * w + (ncol - 1) * gap, rows * (w + text)
+    fig = plt.figure(figsize=(width, height), dpi=dpi)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        left, top = c * (w + gap), r * (w + text)                  # inches from the top-left corner
+        ax = fig.add_axes([left / width, 1 - (top + w) / height, w / width, w / height])
+        ax.imshow(arr[i], interpolation="nearest")
+        ax.axis("off")
+        fig.text((left + w / 2) / width, 1 - (top + w + 3 / 72) / height, wrapped[i], ha="center", va="top",
+                 fontsize=fontsize)
+    return fig
+
+
+def save_png(fig, path) -> Path:
+    """Write a figure as a PNG atomically (a temporary file, then renamed): no half-written image is left."""
+    return atomic_write_file(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=fig.dpi))
