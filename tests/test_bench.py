@@ -36,7 +36,7 @@ def test_every_benchmark_writes_json_with_the_shared_keys(name, run):
     assert {"threads", "cpu_count", "torch", "load_average_1min"} <= set(on_disk["machine"])
     assert on_disk["result"] == json.loads(json.dumps(out["result"]))
     parts = timed_parts(out["result"])
-    assert (name == "data") == (not parts), "every network benchmark times a step; the data one none"
+    assert (name in ("data", "pipeline")) == (not parts), "every network benchmark times a step"
     for part in parts:
         assert {"params", "batch_size", "train_step_s", "sample_step_s"} <= set(part), (name, sorted(part))
         assert part["params"] > 0 and part["train_step_s"] > 0 and part["sample_step_s"] > 0
@@ -56,3 +56,12 @@ def test_timer_and_flops():
 def test_unknown_benchmark(run):
     with pytest.raises(ConfigError, match="unknown benchmark 'gpu'; valid: data, prior"):
         bench.main(run, ["gpu"])
+
+
+def test_pipeline_benchmark_times_every_stage(run):
+    out = bench.run_benchmark(run, "pipeline")["result"]
+    for b in ("batch1", "batch16"):
+        stage_sum = sum(v for k, v in out[b].items() if k != "s_per_image")
+        assert 0 < stage_sum <= out[b]["s_per_image"] * 1.01
+        assert {"prior_s_per_image", "decoder_s_per_image", "upsampler1_s_per_image", "upsampler2_s_per_image"} \
+            <= set(out[b])

@@ -2,7 +2,7 @@
 
     python -m unclip_mini course [--preset toy] [--out runs/toy] [--only 01 02] [--publish]
     python -m unclip_mini train STAGE [--preset toy] [--run-dir DIR] [--device auto] [--steps N]
-    python -m unclip_mini bench [data prior ar_prior decoder upsampler] [--preset toy] [--peer]
+    python -m unclip_mini bench [data prior ar_prior decoder upsampler pipeline] [--preset toy] [--peer]
     python -m unclip_mini generate "a red circle left of a blue square" [-n 4] [--prior diffusion|ar]
                                    [--size 32|128|512] [--seed 0] [--run-dir runs/toy] [--out samples.png]
     python -m unclip_mini stages
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=None)
 
     b = sub.add_parser("bench", help="speed benchmarks; JSON under <run>/bench/")
-    b.add_argument("what", nargs="*", help="data prior ar_prior decoder upsampler (default: all)")
+    b.add_argument("what", nargs="*", help="data prior ar_prior decoder upsampler pipeline (default: all)")
     b.add_argument("--preset", default="toy")
     b.add_argument("--run-dir", default=None)
     b.add_argument("--device", default="auto")

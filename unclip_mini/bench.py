@@ -1,6 +1,6 @@
 """Speed benchmarks: each writes one JSON file under `<run>/bench/` (never a timed test).
 
-    python -m unclip_mini bench [data prior ar_prior decoder upsampler] [--preset toy] [--peer]
+    python -m unclip_mini bench [data prior ar_prior decoder upsampler pipeline] [--preset toy] [--peer]
 
 Every benchmark times freshly initialised networks of the run's config on random inputs (speed does not
 depend on the weights), so none needs a trained stage and each runs at any preset. Every file has the same
@@ -25,7 +25,7 @@ from torch import nn
 from .artifacts import atomic_write_json
 from .errors import ConfigError
 
-BENCHMARKS = ("data", "prior", "ar_prior", "decoder", "upsampler")
+BENCHMARKS = ("data", "prior", "ar_prior", "decoder", "upsampler", "pipeline")
 PEER_SCRIPT = Path(__file__).with_name("peer_bench.py")  # standalone: runs in the peer's own venv
 PEER_PYTHON = os.environ.get("UNCLIP_PEER_PYTHON", "/tmp/peer/bin/python")
 
@@ -314,13 +314,50 @@ def bench_upsampler(run, step_counts=None, n: int = 1, repeats: int = 3) -> dict
     return out
 
 
+def fresh_pipeline(run):
+    """unCLIP built from freshly initialised components of the run's config (CLIP, diffusion prior, decoder,
+    both upsamplers): the same networks, so the same speed, as a trained stack, with nothing to train."""
+    from .clip_model import ClipEncoder, create_clip
+    from .decoder import Decoder
+    from .diffusion_prior import DiffusionPrior, DiffusionPriorNetwork
+    from .unclip import UnCLIP
+    from .unet import UNetModel
+    from .upsampler import Upsampler
+    cfg, dev = run.cfg, run.device
+    torch.manual_seed(0)
+    clip = ClipEncoder(*create_clip(cfg.clip), cfg.clip, dev)
+    prior = DiffusionPrior(DiffusionPriorNetwork(cfg.diffusion_prior, cfg.clip.embed_dim, cfg.clip.text_width,
+                                                 cfg.clip.context_length), cfg.diffusion_prior, dev)
+    ups = [Upsampler(getattr(cfg, f"upsampler{k}"), UNetModel(getattr(cfg, f"upsampler{k}").unet), dev) for k in (1, 2)]
+    return UnCLIP(clip, Decoder(cfg.decoder).to(dev).eval(), priors={"diffusion": prior}, upsamplers=ups)
+
+
+def bench_pipeline(run, batches=(1, 16)) -> dict:
+    """Text -> x16 image through the whole stack at the configs' step counts: seconds per image, in all and per
+    stage (text, prior, decoder, upsampler1, upsampler2), at each batch size (one warm-up call first)."""
+    pipe = fresh_pipeline(run)
+    captions = [s.caption for s in run.world.scenes(range(max(batches)), "val")]
+    pipe.generate(captions[:1], size=pipe.base * 4, decoder_steps=2, upsampler_steps=(2, 2))   # warm-up
+    out = {"sizes": list(pipe.sizes), "steps": {
+        "prior": run.cfg.diffusion_prior.sample_steps, "decoder": run.cfg.decoder.sample_steps,
+        "upsampler1": run.cfg.upsampler1.sample_steps, "upsampler2": run.cfg.upsampler2.sample_steps}}
+    for b in batches:
+        _sync(run.device)
+        t0 = time.perf_counter()
+        gen = pipe.generate(captions[:b], batch_size=b)
+        _sync(run.device)
+        total = time.perf_counter() - t0
+        out[f"batch{b}"] = {"s_per_image": total / b, **{f"{k}_s_per_image": v / b for k, v in gen.seconds.items()}}
+    return out
+
+
 def run_benchmark(run, name: str, peer: bool = False) -> dict:
     """Run one benchmark on `run`, write `<run>/bench/<name>.json`, return its dict."""
     if name not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
     t0 = time.perf_counter()
     fn = {"data": bench_data, "prior": bench_prior, "ar_prior": bench_ar_prior, "upsampler": bench_upsampler,
-          "decoder": lambda r: bench_decoder(r, peer=peer)}[name]
+          "decoder": lambda r: bench_decoder(r, peer=peer), "pipeline": bench_pipeline}[name]
     result = fn(run)
     out = {"benchmark": name, "preset": run.preset, "device": str(run.device), "wall_s": time.perf_counter() - t0,
            "machine": machine(), "result": result}
