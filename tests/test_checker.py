@@ -64,3 +64,30 @@ def test_checker_stage_round_trip(tmp_path):
     loaded = stages.load_stage(run, "checker")
     images = run.dataset("val").images()[:8]
     torch.testing.assert_close(loaded(images)["shape"], trained(images)["shape"])
+
+
+def test_caption_accuracy_scores_what_the_caption_states(world, monkeypatch):
+    checker = make_checker(world)
+    o = lambda colour, shape, cell, size="small": data.SceneObject(colour, shape, size, cell, (0.3, 0.3), 0.2, 0.0)
+    t_plain = data.SINGLE_TEMPLATES.index("a {colour} {shape}")
+    t_cell = data.SINGLE_TEMPLATES.index("a {colour} {shape} in the {cell}")
+    t_rel = data.PAIR_TEMPLATES.index("a {colour_a} {shape_a} {rel} a {colour_b} {shape_b}")
+    t_and = data.PAIR_TEMPLATES.index("a {colour_a} {shape_a} and a {colour_b} {shape_b}")
+    scene = lambda objs, tpl, rel=None: data.Scene(tuple(objs), rel, None, "", tpl)
+    c0, c1 = world.cfg.colours[:2]
+    s0, s1 = world.cfg.shapes[:2]
+    captions = [scene([o(c0, s0, (0, 0))], t_plain), scene([o(c0, s0, (0, 0))], t_cell),
+                scene([o(c0, s0, (0, 0)), o(c1, s1, (0, 1))], t_rel, "left of"),
+                scene([o(c0, s0, (0, 0)), o(c1, s1, (0, 1))], t_and, "left of")]
+    drawn = [scene([o(c0, s0, (1, 1))], 0),                                 # another cell: "a red circle" fits
+             scene([o(c0, s0, (1, 1))], 0),                                 # ... "in the top left" does not
+             scene([o(c1, s0, (0, 0)), o(c0, s1, (0, 1))], 0, "left of"),   # colours swapped between the two
+             scene([o(c1, s1, (1, 0)), o(c0, s0, (1, 1))], 0, "left of")]   # "A and B" in any arrangement
+    truth = checker.targets(drawn)
+    monkeypatch.setattr(checker, "predict", lambda images: {k: v.clone() for k, v in truth.items()})
+    acc = C.caption_accuracy(checker, torch.zeros(4, 3, 16, 16), captions)
+    assert acc["all"] == 0.5 and acc["count"] == 1.0 and acc["n_images"] == 4
+    assert acc["colour"] == 1.0 and acc["shape"] == 1.0                     # as multisets, per object
+    assert acc["relation"] == 0.0                                            # the one relation caption failed
+    seen = C.read_scenes(checker, torch.zeros(4, 3, 16, 16), [s.template for s in captions])
+    assert [len(s.objects) for s in seen] == [1, 1, 2, 2] and seen[2].relation == "left of"

@@ -59,3 +59,76 @@ def test_course_rejects_unknown_preset_and_notebook(tmp_path):
         course.run_course("huge", tmp_path)
     with pytest.raises(ConfigError, match="no notebook matches"):
         course.notebooks(["99"])
+
+
+def test_live_output_shows_stage_messages_and_throttled_bars():
+    import io
+    buf = io.StringIO()
+    live = course.LiveOutput(buf, every=10.0)
+    live.write("some cell output\n[decoder] not trained yet: training it now\n")
+    live.write("decoder:   1%|1 | 10/6000 [00:03<30:00,  3.3it/s]\rdecoder:   2%|2 | 20/6000 [00:06<30:00,  3.3it/s]")
+    live.write("decoder: 100%|##########| 6000/6000 [30:00<00:00,  3.3it/s]\n")
+    shown = buf.getvalue().splitlines()
+    assert shown[0].strip() == "[decoder] not trained yet: training it now"
+    assert [s.strip()[:13] for s in shown[1:]] == ["decoder:   1%", "decoder: 100%"]   # the 2% line came too soon
+    assert "some cell output" not in buf.getvalue()
+
+
+def test_sweep_runs_a_notebook_per_value_and_gathers_one_table(tmp_path):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("scale = 1.0\ntag = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "from unclip_mini import notebook as nb\nrun = nb.setup(tag=tag)\n"
+        "nb.save_metrics(run, '05_swept', {'double': 2 * scale, 'scale': scale})")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, nbdir / "05_swept.ipynb")
+    out = tmp_path / "run"
+    table = course.sweep("05", "scale", [1.0, 3.0], "smoke", out, notebook_dir=nbdir, live=False)
+    assert sorted(p.name for p in (out / "sweeps" / "05_swept").iterdir()) == ["scale=1.0.ipynb", "scale=3.0.ipynb"]
+    assert (out / "metrics" / "05_swept@scale=3.0.json").exists() and not (out / "metrics" / "05_swept.json").exists()
+    text = table.read_text()
+    assert "| figure | scale=1.0 | scale=3.0 |" in text and "| double | 2 | 6 |" in text
+    gathered = json.loads((out / "sweeps" / "05_swept.json").read_text())
+    assert gathered["runs"]["scale=3.0"] == {"double": 6.0, "scale": 3.0}
+    with pytest.raises(ConfigError, match="has no parameter 'guidance'; its parameters: scale, tag"):
+        course.sweep("05", "guidance", [1], "smoke", out, notebook_dir=nbdir)
+    with pytest.raises(ConfigError, match="no tagged runs of '07_x'"):
+        course.gather(out, "07_x")
+
+
+def test_report_has_every_section_and_embeds_every_image(tmp_path):
+    import base64
+    import io
+    import re
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from unclip_mini import report
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "figures").mkdir()
+    for name in ("08_gallery", "02_similarity"):
+        fig, ax = plt.subplots(figsize=(1, 1))
+        ax.plot([0, 1])
+        fig.savefig(tmp_path / "figures" / f"{name}.png")
+        plt.close(fig)
+    (tmp_path / "metrics" / "02_clip.json").write_text(json.dumps(
+        {"preset": "smoke", "device": "cpu", "metrics": {"zero_shot": 0.97}, "notes": {"zero_shot": "accuracy"}}))
+    (tmp_path / "metrics" / "course.json").write_text(json.dumps(
+        {"preset": "smoke", "seconds": {"02_clip": 12.0, "total": 12.0}, "machine": {"cpu_count": 2}}))
+    (tmp_path / "claims.json").write_text(json.dumps({"claims": [
+        {"claim": "PCA", "paper": "319 of 1,024", "ours": "14 of 64", "verdict": "yes", "why": ""}]}))
+    page = report.write_report(tmp_path).read_text()
+    for section in report.SECTIONS:
+        assert f">{section}<" in page.replace("&#39;", "'"), section
+    assert "| zero_shot |" not in page and "<td>zero_shot</td>" in page and "319 of 1,024" in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 2
+    for data in images:
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    assert not re.findall(r'(?:src|href)="https?://', page), "the report must load nothing from the network"

@@ -290,3 +290,21 @@ def test_train_load_round_trip(tmp_path):
     path.write_text(json.dumps({**rec, "id": "clip-0000000000"}))
     with pytest.raises(ArtifactError, match="retrain"):
         stages.load_stage(run, "diffusion_prior")
+
+
+def test_a_prior_trained_with_a_wider_modality_gap(tmp_path):
+    """`text_gap` moves z_t away from the image embeddings (notebook 10's controlled experiment): the prior trains
+    on the moved z_t, records the direction, and applies the same move when it samples."""
+    from unclip_mini import stages
+    run = stages.Run("smoke", run_dir=tmp_path, device="cpu")
+    stages.load_or_train(run, "clip", verbose=False)
+    cfg = run.cfg.diffusion_prior.replace(text_gap=0.8)
+    prior = stages.load_or_train(run, "diffusion_prior", config=cfg, variant="gap", verbose=False)
+    direction = torch.tensor(prior.record["dims"]["gap_direction"])
+    e = run.embeddings("train")
+    assert_close(direction, dp.gap_direction(e["image_embed"], e["text_embed"]), atol=1e-6, rtol=0)
+    wide = prior.text_embed_for(e["text_embed"])
+    assert_close(wide.norm(dim=-1), torch.ones(len(wide)))
+    assert (wide * e["image_embed"]).sum(-1).mean() < (e["text_embed"] * e["image_embed"]).sum(-1).mean() - 0.05
+    plain = stages.load_or_train(run, "diffusion_prior", verbose=False)
+    assert plain.gap_direction is None and torch.equal(plain.text_embed_for(e["text_embed"]), e["text_embed"])

@@ -75,16 +75,25 @@ def test_hatch_is_fine_detail(toy):
     assert hatched.render([scene]).float().mean() < plain.render([scene]).float().mean() - 2
 
 
-def test_text_changes_pixels(toy):
+def test_words_are_legible_at_the_base_resolution(toy):
+    """A written word is the font's bitmap, one base pixel per font cell, on a paper label: at 32 px its box holds
+    exactly the ink of the letters and the label around them; at x4 every base pixel becomes a 4x4 block."""
     scene = toy.with_text(toy.scene(0), None)
     written = toy.with_text(scene, "star")
     assert written.text == "star" and scene.text is None and written.caption == scene.caption
-    for res in (32, 512):
-        a, b = toy.render([scene], res), toy.render([written], res)
-        assert (a != b).any()
-        assert (b.float().mean() < a.float().mean())  # dark ink
+    left, top, width = R.word_box(toy.cfg, written)
+    assert width == 4 * 4 - 1
+    base = toy.render([written])[0]                                           # [3, 32, 32]
+    box = base[:, top:top + R.FONT_ROWS, left:left + width]
+    bits = R._word_bitmap("star").bool()
+    ink, label = torch.tensor(R.INK).view(3, 1), torch.tensor(R.LABEL).view(3, 1)
+    assert torch.equal(box[:, bits], ink.expand(3, int(bits.sum())).to(torch.uint8))
+    assert torch.equal(box[:, ~bits], label.expand(3, int((~bits).sum())).to(torch.uint8))
+    x4 = toy.render([written], 128)[0].float()
+    blocks = F.avg_pool2d(x4[None], 4)[0]
+    assert (blocks[:, top:top + R.FONT_ROWS, left:left + width] - box.float()).abs().max() < 1
     other = toy.with_text(scene, "circle")
-    assert (toy.render([other], 512) != toy.render([written], 512)).float().mean() > 0.005
+    assert (toy.render([other]) != toy.render([written])).any()
     with pytest.raises(DataError, match="lowercase a-z"):
         toy.with_text(scene, "Star!")
     captioned = D.ToyWorld(toy.cfg.replace(text_in_caption=True))

@@ -1,6 +1,7 @@
 """The command line: a thin layer over the library (nothing here that a notebook could not call).
 
-    python -m unclip_mini course [--preset toy] [--out runs/toy] [--only 01 02] [--publish]
+    python -m unclip_mini course [--preset toy] [--out runs/toy] [--only 01 02] [--publish] [--no-ahead]
+    python -m unclip_mini sweep 08 --param decoder_guidance 1 3 5 [--preset toy] [--out runs/toy]
     python -m unclip_mini train STAGE [--preset toy] [--run-dir DIR] [--device auto] [--steps N]
     python -m unclip_mini bench [data prior ar_prior decoder upsampler pipeline] [--preset toy] [--peer]
     python -m unclip_mini generate "a red circle left of a blue square" [-n 4] [--prior diffusion|ar]
@@ -31,6 +32,17 @@ def main(argv=None) -> int:
     c.add_argument("--publish", action="store_true",
                    help="copy the executed notebooks back over notebooks/ (to commit their outputs)")
     c.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    c.add_argument("--no-ahead", action="store_true",
+                   help="do not train the heavy stages in a background process (default: on with 2+ CPU cores)")
+    c.add_argument("--quiet", action="store_true", help="do not show each notebook's progress and stage messages")
+
+    w = sub.add_parser("sweep", help="run one notebook once per value of a parameter; gather the metrics")
+    w.add_argument("notebook", help="its number, e.g. 08")
+    w.add_argument("--param", nargs="+", required=True, metavar=("NAME", "VALUE"),
+                   help="the parameter and its values, e.g. --param decoder_guidance 1 3 5")
+    w.add_argument("--preset", default="toy")
+    w.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
+    w.add_argument("--timeout", type=int, default=None)
 
     t = sub.add_parser("train", help="train one stage (and what it needs); works under torchrun")
     t.add_argument("stage")
@@ -67,7 +79,15 @@ def main(argv=None) -> int:
     try:
         if args.command == "course":
             from .course import run_course
-            return run_course(args.preset, args.out, args.only, args.publish, args.device, args.timeout)
+            return run_course(args.preset, args.out, args.only, args.publish, args.device, args.timeout,
+                              ahead=False if args.no_ahead else None, live=not args.quiet)
+        if args.command == "sweep":
+            from .course import sweep
+            if len(args.param) < 2:
+                raise ConfigError("--param needs a name and at least one value, e.g. --param decoder_guidance 1 3 5")
+            name, values = args.param[0], [_literal(v) for v in args.param[1:]]
+            print(f"table: {sweep(args.notebook, name, values, args.preset, args.out, args.timeout)}")
+            return 0
         if args.command == "train":
             from .stages import Run, get_stage, load_or_train
             from .train import init_distributed
@@ -121,6 +141,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _literal(text: str):
+    """A command-line value as papermill would take it: an int, a float, True/False/None, else the string."""
+    import ast
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 if __name__ == "__main__":

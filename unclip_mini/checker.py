@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PresetConfig, check_positive, check_range
+from .data import CENTRES, PAIR_TEMPLATES, Scene, SceneObject, caption_facts
 from .errors import DataError
 from .train import StageSpec, TrainConfig
 
@@ -159,6 +160,70 @@ def attribute_accuracy(checker: Checker, images, scenes) -> dict:
     out["all"] = float(exact.all(dim=1).float().mean())
     out["n_images"], out["n_objects"] = len(scenes), n_objects
     return out
+
+
+def read_scenes(checker: Checker, images, templates=None) -> list:
+    """What the checker sees in each image, as a `data.Scene`: an object per occupied cell (colour, shape, size,
+    cell); for two objects in one row or column, their relation. `templates` (one per image) set the scene's
+    caption template, so that `data.caption_facts` can read it the way a caption would."""
+    pred = checker.predict(images)
+    out = []
+    for i in range(len(pred["colour"])):
+        cells = [c for c in range(N_CELLS) if int(pred["colour"][i, c]) > 0]
+        centres = CENTRES.get(len(cells), CENTRES[2])
+        objs = []
+        for c in cells:
+            cell = divmod(c, 2)                                            # (row, col)
+            objs.append(SceneObject(checker.colours[int(pred["colour"][i, c]) - 1],
+                                    checker.shapes[max(int(pred["shape"][i, c]), 1) - 1],
+                                    checker.sizes[max(int(pred["size"][i, c]), 1) - 1], cell,
+                                    (centres[cell[1]], centres[cell[0]]), 0.0, 0.0))
+        relation = None
+        if len(objs) == 2:
+            (ra, ca), (rb, cb) = objs[0].cell, objs[1].cell
+            relation = ("left of" if ca < cb else "right of") if ra == rb else \
+                (("above" if ra < rb else "below") if ca == cb else None)
+        template = 0 if templates is None else templates[i]
+        out.append(Scene(tuple(objs), relation, None, "", template))
+    return out
+
+
+def caption_accuracy(checker: Checker, images, scenes) -> dict:
+    """How often generated images show what their captions state, read by the checker: fractions in [0, 1].
+
+    A caption such as "a red circle" fixes the colour and the shape and leaves the cell and the size free, so an
+    image is scored on what its caption states (`data.caption_facts`), not on its scene's other details.
+    all: every stated fact right (the object count, colours and shapes bound to the right objects, and the
+    stated relation, size or cell); count: the number of objects; colour / shape: per object, as multisets
+    (a red circle drawn as a red square has the right colour); relation: among captions that state one, the
+    objects in that relation (with the right colours and shapes). scenes: the caption's scenes (ground truth).
+    """
+    if len(images) != len(scenes):
+        raise DataError(f"{len(images)} images but {len(scenes)} scenes: pass one scene per image")
+    if len(scenes) == 0:
+        raise DataError("caption_accuracy needs at least one image")
+    seen = read_scenes(checker, images, [s.template for s in scenes])
+    counts = {"all": 0, "count": 0, "relation": 0, "relation_n": 0}
+    matched = {"colour": 0, "shape": 0}
+    n_objects = 0
+    for p, s in zip(seen, scenes):
+        same_count = len(p.objects) == len(s.objects)
+        ok = same_count and caption_facts(p, s.template) == caption_facts(s)
+        counts["all"] += ok
+        counts["count"] += same_count
+        for key in matched:
+            want = [getattr(o, key) for o in s.objects]
+            have = [getattr(o, key) for o in p.objects]
+            matched[key] += sum(min(want.count(v), have.count(v)) for v in set(want))
+        n_objects += len(s.objects)
+        if len(s.objects) == 2 and ("{rel}" in PAIR_TEMPLATES[s.template] or "{inv}" in PAIR_TEMPLATES[s.template]):
+            counts["relation_n"] += 1
+            counts["relation"] += ok
+    n = len(scenes)
+    return {"all": counts["all"] / n, "count": counts["count"] / n, "colour": matched["colour"] / n_objects,
+            "shape": matched["shape"] / n_objects,
+            "relation": counts["relation"] / counts["relation_n"] if counts["relation_n"] else float("nan"),
+            "n_images": n}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ against the truth.
 
 The splits test compositional generalisation: (colour, shape) pairs in `heldout_pairs` never occur in
 'train' or 'val', and every 'heldout' scene contains one. A scene is a pure function of
-(seed, split, index), identical on every machine. With probability `p_text` a train/val scene has its
-shape's name written on it in a 5x7 bitmap font (for the typographic attack of unCLIP §4, Figure 6: CLIP reads
-text in images).
+(seed, split, index), identical on every machine. With probability `p_text` a single-object train/val scene
+has its shape's name written across it, in a 3x5 font with one base pixel per font cell, so the word is
+legible at the base resolution: the toy CLIP can learn to read it, which the typographic attack of unCLIP §4
+(Figure 6: an apple labelled "iPod") needs.
 
 This module also holds the world's semantics: what a caption states about a scene (`caption_facts`) and
 so which images a caption describes (`describes`, `caption_match_matrix`), used wherever a generated
@@ -94,7 +95,7 @@ class DataConfig(PresetConfig):
     p_two_objects: float = 0.35                         # fraction of scenes with two objects and a relation
     max_rotation_deg: float = 30.0                      # rotation range +-; not in the caption
     jitter: float = 0.03                                # +- offset from the cell centre (frame units); not in the caption
-    p_text: float = 0.15                                # fraction of train/val scenes with the shape's name written on it
+    p_text: float = 0.3                                 # fraction of single-object train/val scenes with their shape's name written on
     text_in_caption: bool = False                       # also say the written word in the caption
     heldout_pairs: tuple[tuple[str, str], ...] = TOY_HELDOUT  # (colour, shape) pairs never in train/val
     train_size: int = 20000                             # scenes in the train split (paper: ~650M real pairs)
@@ -347,7 +348,7 @@ class ToyWorld:
             centre=(centres[cell[1]] + cfg.jitter * (2 * jx - 1), centres[cell[0]] + cfg.jitter * (2 * jy - 1)),
             radius=SIZES[size][len(pairs) - 1], rotation=cfg.max_rotation_deg * (2 * rot - 1))
             for (c, s), size, cell, jx, jy, rot in zip(pairs, sizes, cells, u[8:10], u[10:12], u[12:14]))
-        text = objects[0].shape if split != "heldout" and u[14] < cfg.p_text else None
+        text = objects[0].shape if split != "heldout" and not two and u[14] < cfg.p_text else None
         templates = PAIR_TEMPLATES if two else SINGLE_TEMPLATES
         template = int(u[15] * len(templates))
         caption = make_caption(objects, relation, template, text, cfg.text_in_caption)

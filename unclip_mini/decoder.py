@@ -264,7 +264,7 @@ class Decoder(nn.Module):
         return training_losses(self, x_start, image_embed, tokens, generator)
 
     # -- sampling ------------------------------------------------------------------------------
-    def _guided_model(self, image_embed, tokens, guidance_scale, batch: int | None):
+    def guided_model(self, image_embed=None, tokens=None, guidance_scale=None, batch: int | None = None):
         """(model_fn(x_t, t), b): the U-Net under a fixed condition, guided when the scale is not 1.
 
         The caption encoder and the z_i projections run once here, not at every sampling step (as GLIDE
@@ -292,7 +292,8 @@ class Decoder(nn.Module):
         fn = lambda x, t: self.unet(x, t, **cond)
         return gd.classifier_free_guidance(fn, scale, guided_channels=3 if cfg.unet.learn_sigma else None), b
 
-    def _chain(self, steps):
+    def sampling_chain(self, steps=None):
+        """The diffusion respaced to `steps` sampling steps (None: the config's), on the decoder's device."""
         steps = self.cfg.sample_steps if steps is None else int(steps)
         if not 2 <= steps <= self.cfg.diffusion.timesteps:  # a respaced chain needs 2 steps (gaussian_diffusion.respace)
             raise ConfigError(f"steps = {steps} must be in 2..{self.cfg.diffusion.timesteps} (the training chain)")
@@ -308,8 +309,8 @@ class Decoder(nn.Module):
         noise: x_T [B, 3, H, W] (fixes the sample); else drawn from `generator`. eta: DDIM's eta.
         """
         cfg = self.cfg
-        model, b = self._guided_model(image_embed, tokens, guidance_scale, None if noise is None else noise.shape[0])
-        diffusion = self._chain(steps)
+        model, b = self.guided_model(image_embed, tokens, guidance_scale, None if noise is None else noise.shape[0])
+        diffusion = self.sampling_chain(steps)
         device = self.text_to_emb.weight.device
         shape = (b, 3, cfg.image_size, cfg.image_size)
         was_training = self.training
@@ -342,8 +343,8 @@ class Decoder(nn.Module):
                             f"(the decoder's resolution), got {shape}: resize them first")
         if not images.is_floating_point():
             raise DataError("images are integers; invert() takes float images in [-1, 1]: use data.to_float")
-        model, _ = self._guided_model(image_embed, tokens, guidance_scale, images.shape[0])
-        diffusion = self._chain(steps)
+        model, _ = self.guided_model(image_embed, tokens, guidance_scale, images.shape[0])
+        diffusion = self.sampling_chain(steps)
         was_training = self.training
         self.eval()
         try:

@@ -69,6 +69,8 @@ class DiffusionPriorConfig(PresetConfig):
     guidance_scale: float = 1.0       # classifier-free guidance s; 1 = plain conditional (paper's value: not checked)
     num_candidates: int = 2           # best-of-N: keep the candidate with the largest z_i . z_t (paper: 2)
     eta: float = 0.0                  # DDIM eta (0: deterministic given the noise; paper: analytic variance)
+    text_gap: float = 0.0             # 0: CLIP's own z_t. > 0: z_t moved this far along the text-minus-image
+    #                                   direction and renormalised, widening CLIP's modality gap (notebook 10)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2000, batch_size=256, lr=1e-3, warmup_steps=100, lr_schedule="cosine", weight_decay=0.0,
         ema_decay=0.999, ckpt_every=500, log_every=20))
@@ -88,6 +90,7 @@ class DiffusionPriorConfig(PresetConfig):
               f"DDIM needs between 2 and the {self.diffusion.timesteps} diffusion steps")
         check_range(self, "guidance_scale", 0.0)
         check_range(self, "eta", 0.0, 1.0)
+        check_range(self, "text_gap", 0.0)
         check(isinstance(self.train, TrainConfig), self, "train", "must be a train.TrainConfig")
 
     @classmethod
@@ -279,8 +282,10 @@ def best_of(candidates: torch.Tensor, text_embed: torch.Tensor):
 class DiffusionPrior:
     """A trained diffusion prior: `sample(z_t, text_tokens, text_mask) -> z_i` (batched, no_grad, device-aware)."""
 
-    def __init__(self, model: DiffusionPriorNetwork, cfg: DiffusionPriorConfig, device="cpu"):
+    def __init__(self, model: DiffusionPriorNetwork, cfg: DiffusionPriorConfig, device="cpu", gap_direction=None):
         self.device = torch.device(device)
+        # the text-minus-image direction of a prior trained with `text_gap` > 0 (None: CLIP's own z_t)
+        self.gap_direction = None if gap_direction is None else torch.as_tensor(gap_direction, dtype=torch.float32)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.cfg = cfg
         self.record = None  # the stage record, when it came from a run folder (stages.load_or_train)
@@ -293,6 +298,12 @@ class DiffusionPrior:
         return (f"DiffusionPrior(width {self.cfg.width}, {self.cfg.layers} layers, "
                 f"{count_parameters(self.model) / 1e6:.2f} M params, D={self.embed_dim}, "
                 f"scale {self.embed_scale:.3g}, device {self.device})")
+
+    def text_embed_for(self, text_embed):
+        """The z_t this prior reads: CLIP's own, or, for a prior trained with `text_gap`, the widened one."""
+        if self.gap_direction is None:
+            return text_embed
+        return widen_gap(text_embed, self.gap_direction, self.cfg.text_gap)
 
     def spaced(self, steps: int) -> gd.GaussianDiffusion:
         """The diffusion respaced to `steps` evenly spread steps (cached)."""
@@ -314,6 +325,7 @@ class DiffusionPrior:
         """
         s = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
         n = self.cfg.num_candidates if num_candidates is None else num_candidates
+        text_embed = self.text_embed_for(text_embed)
         steps = self.cfg.sample_steps if steps is None else steps
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"num_candidates = {n!r} must be an int >= 1")
@@ -357,16 +369,32 @@ class DiffusionPrior:
 # the stage
 # ---------------------------------------------------------------------------------------------
 
+def widen_gap(text_embed, direction, amount: float):
+    """norm(z_t + amount * direction) `[B, D]`: text embeddings moved away from the image embeddings."""
+    return F.normalize(text_embed.float() + amount * direction.to(text_embed.device), dim=-1)
+
+
+def gap_direction(image_embed, text_embed) -> torch.Tensor:
+    """The unit vector from the mean image embedding to the mean text embedding `[D]` (the modality gap)."""
+    return F.normalize(text_embed.float().mean(0) - image_embed.float().mean(0), dim=0)
+
+
 def _prepare(cfg: DiffusionPriorConfig, ctx) -> dict:
-    """The sizes the network is built for: the CLIP's embedding and token widths and context length."""
+    """The sizes the network is built for (the CLIP's embedding and token widths and context length), and for a
+    prior trained with `text_gap`, the direction its z_t are moved along."""
     emb = ctx.embeddings("train")
-    return {"embed_dim": int(emb["image_embed"].shape[1]), "text_width": int(emb["text_tokens"].shape[2]),
+    dims = {"embed_dim": int(emb["image_embed"].shape[1]), "text_width": int(emb["text_tokens"].shape[2]),
             "max_text_len": int(ctx.cfg.clip.context_length)}
+    if cfg.text_gap > 0:
+        dims["gap_direction"] = [round(v, 7) for v in gap_direction(emb["image_embed"], emb["text_embed"]).tolist()]
+    return dims
 
 
 def _batches(cfg: DiffusionPriorConfig, dims, ctx):
     emb, device = ctx.embeddings("train"), ctx.device
     image_embed, text_embed = emb["image_embed"].to(device), emb["text_embed"].to(device)
+    if "gap_direction" in dims:
+        text_embed = widen_gap(text_embed, torch.tensor(dims["gap_direction"]), cfg.text_gap)
     text_tokens, text_mask = emb["text_tokens"].to(device), emb["text_mask"].to(device)  # tokens stay float16
 
     def get_batch(idx):
@@ -386,5 +414,5 @@ SPEC = StageSpec(
     about="caption -> CLIP image embedding by diffusion (the paper's preferred prior)",
     prepare=_prepare, batches=_batches, loss=_loss,
     build=lambda cfg, dims: DiffusionPriorNetwork(cfg, dims["embed_dim"], dims["text_width"], dims["max_text_len"]),
-    wrap=lambda network, cfg, dims, ctx: DiffusionPrior(network, cfg, ctx.device),
+    wrap=lambda network, cfg, dims, ctx: DiffusionPrior(network, cfg, ctx.device, dims.get("gap_direction")),
     sampling_fields=SAMPLING_FIELDS)

@@ -3,8 +3,8 @@
 Each shape is a signed distance function (SDF, after Inigo Quilez's 2D SDFs) and a pixel's coverage is
 `clamp(0.5 - sdf / pixel, 0, 1)`, so edges are anti-aliased at every size. Detail finer than ~2 pixels is
 faded to its mean (the hatch), so a base render is band-limited and close to the area-average of a x16
-render: the upsamplers' targets are the same scene rendered larger. Words are drawn with a 5x7 bitmap font
-by exact area coverage. Only a window around each object is computed, so the cost follows the objects'
+render: the upsamplers' targets are the same scene rendered larger. Words are drawn with a 3x5 bitmap font,
+one font cell per base pixel (legible at the base resolution), by exact area coverage. Only a window around each object is computed, so the cost follows the objects'
 area, not the frame's.
 
 `render(cfg, scenes, resolution, crop)` is what `data.ToyWorld.render` calls (`cfg` is a `data.DataConfig`:
@@ -29,6 +29,7 @@ PALETTE = {  # name -> RGB, chosen to stay distinct under shading and at 16 px
 }
 BACKGROUND = (236, 234, 228)  # a light warm grey
 INK = (25, 25, 25)            # the colour of written text
+LABEL = (250, 249, 244)       # the paper label a word is printed on (one base pixel of margin)
 OUTLINE_WIDTH = 0.012         # frame units: 0.4 px at 32 px, 6 px at 512 px
 HATCH_PERIOD = 0.025          # frame units: 0.8 px at 32 px (faded to its mean), 3.2 px at x4, 12.8 at x16
 MAX_WORD = 12                 # longest word a scene may carry
@@ -146,48 +147,49 @@ def _windows(centres, extents, crops, res):
 
 
 # ---------------------------------------------------------------------------------------------
-# a 5x7 bitmap font for a-z: text written on objects
+# a 3x5 bitmap font for a-z: words written on objects, legible at the base resolution
 # ---------------------------------------------------------------------------------------------
 
 _GLYPHS = """
-a ..... ..... .###. ....# .#### #...# .####
-b #.... #.... ####. #...# #...# #...# ####.
-c ..... ..... .###. #.... #.... #...# .###.
-d ....# ....# .#### #...# #...# #...# .####
-e ..... ..... .###. #...# ##### #.... .###.
-f ..##. .#..# .#... ###.. .#... .#... .#...
-g ..... .#### #...# #...# .#### ....# .###.
-h #.... #.... #.##. ##..# #...# #...# #...#
-i ..#.. ..... .##.. ..#.. ..#.. ..#.. .###.
-j ...#. ..... ..##. ...#. ...#. #..#. .##..
-k #.... #.... #..#. #.#.. ##... #.#.. #..#.
-l .##.. ..#.. ..#.. ..#.. ..#.. ..#.. .###.
-m ..... ..... ##.#. #.#.# #.#.# #...# #...#
-n ..... ..... #.##. ##..# #...# #...# #...#
-o ..... ..... .###. #...# #...# #...# .###.
-p ..... ####. #...# #...# ####. #.... #....
-q ..... .#### #...# #...# .#### ....# ....#
-r ..... ..... #.##. ##..# #.... #.... #....
-s ..... ..... .###. #.... .###. ....# ####.
-t .#... .#... ###.. .#... .#... .#..# ..##.
-u ..... ..... #...# #...# #...# #..## .##.#
-v ..... ..... #...# #...# #...# .#.#. ..#..
-w ..... ..... #...# #...# #.#.# #.#.# .#.#.
-x ..... ..... #...# .#.#. ..#.. .#.#. #...#
-y ..... #...# #...# #...# .#### ....# .###.
-z ..... ..... ##### ...#. ..#.. .#... #####
+a .#. #.# ### #.# #.#
+b ##. #.# ##. #.# ##.
+c .## #.. #.. #.. .##
+d ##. #.# #.# #.# ##.
+e ### #.. ##. #.. ###
+f ### #.. ##. #.. #..
+g .## #.. #.# #.# .##
+h #.# #.# ### #.# #.#
+i ### .#. .#. .#. ###
+j ..# ..# ..# #.# .#.
+k #.# #.# ##. #.# #.#
+l #.. #.. #.. #.. ###
+m #.# ### ### #.# #.#
+n ##. #.# #.# #.# #.#
+o .#. #.# #.# #.# .#.
+p ##. #.# ##. #.. #..
+q .#. #.# #.# ##. .##
+r ##. #.# ##. #.# #.#
+s .## #.. .#. ..# ##.
+t ### .#. .#. .#. .#.
+u #.# #.# #.# #.# ###
+v #.# #.# #.# #.# .#.
+w #.# #.# ### ### #.#
+x #.# #.# .#. #.# #.#
+y #.# #.# .#. .#. .#.
+z ### ..# .#. #.. ###
 """
 FONT = {line.split()[0]: torch.tensor([[c == "#" for c in row] for row in line.split()[1:]])
-        for line in _GLYPHS.strip().splitlines()}  # letter -> bool [7, 5]
-assert sorted(FONT) == [chr(c) for c in range(97, 123)] and all(g.shape == (7, 5) for g in FONT.values())
+        for line in _GLYPHS.strip().splitlines()}  # letter -> bool [5, 3] (capital forms: legible in 3x5)
+assert sorted(FONT) == [chr(c) for c in range(97, 123)] and all(g.shape == (5, 3) for g in FONT.values())
+FONT_ROWS = 5
 
 
 def _word_bitmap(word: str) -> torch.Tensor:
-    """The word's pixels in font cells: float [7, 6 * len - 1] (one empty column between letters)."""
+    """The word's pixels in font cells: float [5, 4 * len - 1] (one empty column between letters)."""
     cols = []
     for i, ch in enumerate(word):
         if i:
-            cols.append(torch.zeros(7, 1, dtype=torch.bool))
+            cols.append(torch.zeros(FONT_ROWS, 1, dtype=torch.bool))
         cols.append(FONT[ch])
     return torch.cat(cols, dim=1).float()
 
@@ -276,12 +278,14 @@ def _render_chunk(cfg, scenes, res, crops, size):
             view.mul_(1 - alpha[j]).add_(ink[j] * (alpha[j] - interior[j])).add_(fill[j] * interior[j])
     texts = [i for i, s in enumerate(scenes) if s.text]
     if texts:
-        xs, ys, offsets, cover = _text_cover([scenes[i] for i in texts], [crops[i] for i in texts], res)
+        xs, ys, offsets, cover, label = _text_cover(cfg, [scenes[i] for i in texts], [crops[i] for i in texts], res)
         w = xs.shape[1]
         ink = torch.tensor(INK, dtype=torch.float32).div(255).view(3, 1, 1)
+        paper = torch.tensor(LABEL, dtype=torch.float32).div(255).view(3, 1, 1)
         for j, (i, (r0, c0)) in enumerate(zip(texts, offsets)):
             view = img[i, :, r0:r0 + w, c0:c0 + w]
-            view.mul_(1 - 0.9 * cover[j]).add_(ink * 0.9 * cover[j])
+            view.mul_(1 - label[j]).add_(paper * label[j])                    # the label hides what is under it
+            view.mul_(1 - cover[j]).add_(ink * cover[j])
     return img.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -333,32 +337,44 @@ def _hatch(u, v, px):
     return mean + fade * (cover - mean)
 
 
-def _text_cover(scenes, crops, res):
-    """Ink coverage of each scene's word on its first object: (xs, ys, offsets) of its window (see
-    `_windows`) and the coverage there, [t, 1, W, W].
+def word_box(cfg, scene) -> tuple[int, int, int]:
+    """Where the scene's word goes, in base pixels: (left, top, width). One font cell is one base pixel and
+    the box sits on whole pixels, centred on the first object, moved inside the frame when it would stick
+    out (a word wider than the frame is centred and cut at the edges)."""
+    o, res = scene.objects[0], cfg.resolution
+    width = 4 * len(scene.text) - 1
+    left = round(o.centre[0] * res - width / 2)
+    top = round(o.centre[1] * res - FONT_ROWS / 2)
+    left = (res - width) // 2 if width > res else min(max(left, 0), res - width)
+    return left, min(max(top, 0), res - FONT_ROWS), width
 
-    The word is a grid of font cells (7 rows, 6 columns per letter) centred on the object, rotated
-    with it, 1.3 radii wide. A pixel's coverage is the exact area of the on-cells under its footprint
-    (a square of side px, axis-aligned in the text frame): per row, the difference of the row's
-    cumulative sum at the footprint's two edges. Sharp at x16, a soft grey smear at base.
+
+def _text_cover(cfg, scenes, crops, res):
+    """Ink coverage of each scene's word: (xs, ys, offsets) of its window (see `_windows`) and the
+    coverage there, [t, 1, W, W].
+
+    The word is a grid of font cells, one base pixel each, axis-aligned and on whole base pixels (`word_box`),
+    so at the base resolution every letter is 3x5 crisp pixels and a x4 / x16 render shows the same letters
+    larger; it is printed on a paper label one cell wider on every side (like the paper's apple labelled
+    "iPod"), which hides the object under it. A pixel's coverage is the exact area of the on-cells under its
+    footprint: per row, the difference of the row's cumulative sum at the footprint's two edges. Returns the
+    ink's coverage and the label's, both `[t, 1, W, W]`.
     """
-    objs = [s.objects[0] for s in scenes]
     maps = [_word_bitmap(check_word(s.text)) for s in scenes]
-    width, px = max(m.shape[1] for m in maps), 1.0 / res
-    bits = torch.zeros(len(maps), 7, width)
+    width, px, cell = max(m.shape[1] for m in maps), 1.0 / res, 1.0 / cfg.resolution
+    bits = torch.zeros(len(maps), FONT_ROWS, width)
     for i, m in enumerate(maps):
         bits[i, :, :m.shape[1]] = m
-    cum = F.pad(bits.cumsum(2), (1, 0))                   # [t, 7, W + 1]: cum[..., j] = sum of cells < j
-    ncols = torch.tensor([m.shape[1] for m in maps], dtype=torch.float32)
-    r = torch.tensor([o.radius for o in objs])
-    cell = torch.minimum(1.3 * r / ncols, 0.09 * r)                  # frame units per font cell
-    extent = cell * torch.sqrt((ncols / 2) ** 2 + 3.5 ** 2)          # half-diagonal of the text box
-    xs, ys, offsets = _windows([o.centre for o in objs], extent.tolist(), crops, res)
-    u, v, _, _ = _local(objs, xs, ys)
-    cell = cell.view(-1, 1, 1)
-    tx = u / cell + ncols.view(-1, 1, 1) / 2                     # text coordinates in cells
-    ty = v / cell + 3.5
-    half = px / cell / 2                                         # footprint half-side in cells
+    cum = F.pad(bits.cumsum(2), (1, 0))                   # [t, 5, W + 1]: cum[..., j] = sum of cells < j
+    boxes = [word_box(cfg, s) for s in scenes]
+    origin = torch.tensor([[left * cell, top * cell] for left, top, _ in boxes])          # top-left, frame units
+    centres = [(x + w * cell / 2, y + FONT_ROWS * cell / 2) for (x, y), (_, _, w) in zip(origin.tolist(), boxes)]
+    extents = [cell * math.hypot(w / 2 + 1, FONT_ROWS / 2 + 1) for _, _, w in boxes]    # the label's corners
+    xs, ys, offsets = _windows(centres, extents, crops, res)
+    tx = (xs[:, None, :] - origin[:, 0, None, None]) / cell                  # text coordinates in cells [t, 1, S]
+    ty = (ys[:, :, None] - origin[:, 1, None, None]) / cell                  # [t, S, 1]
+    tx, ty = tx.expand(-1, ys.shape[1], -1), ty.expand(-1, -1, xs.shape[1])
+    half = px / cell / 2                                                     # footprint half-side in cells
 
     def integral(row, t):  # integral of row `row` of the bitmap from 0 to t, [t, S, S]
         t = t.clamp(0, width)
@@ -368,10 +384,15 @@ def _text_cover(scenes, crops, res):
         b = bits[:, row].gather(1, flat).view(t.shape)
         return c + b * (t - j)
 
-    cover = torch.zeros(u.shape)
+    cover = torch.zeros(tx.shape)
     lo_x, hi_x = tx - half, tx + half
-    for row in range(7):
+    for row in range(FONT_ROWS):
         wy = ((ty + half).clamp(max=row + 1) - (ty - half).clamp(min=row)).clamp(min=0)
         if bool((wy > 0).any()):
             cover += wy * (integral(row, hi_x) - integral(row, lo_x))
-    return xs, ys, offsets, (cover / (2 * half) ** 2).clamp(0, 1).unsqueeze(1)
+    # the paper label: the word's box grown by one cell on every side, covered by area as well
+    ncols = torch.tensor([m.shape[1] for m in maps], dtype=torch.float32).view(-1, 1, 1)
+    lx = (torch.minimum(tx + half, ncols + 1) - torch.maximum(tx - half, torch.full_like(tx, -1.0))).clamp(min=0)
+    ly = ((ty + half).clamp(max=FONT_ROWS + 1) - (ty - half).clamp(min=-1)).clamp(min=0)
+    label = (lx * ly / (2 * half) ** 2).clamp(0, 1).unsqueeze(1)
+    return xs, ys, offsets, (cover / (2 * half) ** 2).clamp(0, 1).unsqueeze(1), label

@@ -25,6 +25,7 @@ says how to rebuild it. The object a load returns carries its record as `.record
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,7 +40,13 @@ from .artifacts import RunFolder, atomic_write_json, code_version
 from .config import PRESETS, PresetConfig, check_choice, check_range
 from .data import DataConfig, ToyWorld, open_dataset
 from .errors import ArtifactError, ConfigError
-from .train import StageSpec, Trainer, load_checkpoint, resolve_device, seed_everything, without_steps
+from .train import (StageSpec, Trainer, dist_info, load_checkpoint, resolve_device, seed_everything,
+                    training_threads, without_steps)
+
+try:
+    import fcntl  # POSIX file locks (training_lock)
+except ImportError:  # pragma: no cover - Windows: no cross-process lock
+    fcntl = None
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -384,7 +391,8 @@ def train_stage(run: Run, name: str, steps: int | None = None, config=None, vari
         trainer = Trainer(network, spec.loss(cfg, dims, ctx), get_batch, size, cfg.train,
                           run.folder.checkpoint_path(folder), stage=folder, config=identity, requires=requires,
                           seed=run.seed, device=run.device, progress=progress)
-        history = trainer.fit()
+        with training_threads():
+            history = trainer.fit()
         network, trained_steps = trainer.ema.model, trainer.step
     obj = spec.wrap(network, cfg, dims, ctx)
     results = spec.finish(obj, cfg, dims, ctx) if spec.finish else {}
@@ -438,10 +446,34 @@ def load_or_train(run: Run, name: str, steps: int | None = None, verbose: bool =
     for dep in spec.needs:
         if read_record(run, dep) is None:
             load_or_train(run, dep, verbose=verbose)
-    if verbose:
-        print(f"[{folder}] not trained yet in {run.folder.root / folder}: training it now through the library "
-              f"(notebook {spec.notebook} explains this stage)")
-    return train_stage(run, name, steps=steps, config=config, variant=variant)
+    with training_lock(run, folder, verbose):
+        if read_record(run, folder) is not None:  # another process trained it while this one waited
+            return load_or_train(run, name, verbose=verbose, config=config, variant=variant)
+        if verbose:
+            print(f"[{folder}] not trained yet in {run.folder.root / folder}: training it now through the library "
+                  f"(notebook {spec.notebook} explains this stage)")
+        return train_stage(run, name, steps=steps, config=config, variant=variant)
+
+
+@contextlib.contextmanager
+def training_lock(run: Run, folder: str, verbose: bool = True):
+    """One process at a time trains a stage in a run folder (an exclusive lock on `<stage>/.training.lock`): a
+    second one asking for it waits, then loads what the first wrote. `course` relies on this when it trains
+    stages ahead in a background process. Under torchrun every rank trains together, so no lock is taken."""
+    if dist_info()[1] > 1 or fcntl is None:
+        yield
+        return
+    with open(run.folder.path(folder, ".training.lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if verbose:
+                print(f"[{folder}] another process is training it in {run.folder.root}: waiting for it", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------

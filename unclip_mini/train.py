@@ -17,6 +17,7 @@ Under `torchrun` (DDP) each rank takes its slice of every global batch and rank 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -399,6 +400,22 @@ class Trainer:
                 self.save()
         bar.close()
         return self.history
+
+
+@contextlib.contextmanager
+def training_threads():
+    """Train with `$UNCLIP_TRAIN_THREADS` torch threads when it is set (the course sets 1: a stage then trains
+    the same, bit for bit, whether it runs in a notebook or in the course's background process), else as is."""
+    want = os.environ.get("UNCLIP_TRAIN_THREADS")
+    if not want:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(want))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -332,20 +332,28 @@ class UnCLIP:
         return images.cpu(), zs.cpu()
 
     @torch.no_grad()
-    def text_diff(self, images, caption_now: str, caption_new: str, thetas, steps=None, guidance_scale=None,
+    def text_diff(self, images, caption_now, caption_new, thetas, steps=None, guidance_scale=None,
                   latents=None):
         """Edit images towards a caption (§3.3): z_d = norm(z_t(new) - z_t(now)); decode slerp(z_i, z_d, theta)
-        with each image's own x_T fixed. Returns images `[T, B, 3, H, W]` (theta 0: the reconstruction)."""
+        with each image's own x_T fixed. The captions are one string each, or one per image. Returns images
+        `[T, B, 3, H, W]` (theta 0: the reconstruction)."""
         thetas = torch.as_tensor(thetas, dtype=torch.float64).flatten()
         if thetas.numel() == 0 or bool(((thetas < 0) | (thetas > 1)).any()):
             raise ConfigError("thetas must be one or more values in [0, 1] (the paper: up to 0.25 .. 0.5)")
         z, x_t = latents if latents is not None else self.encode(images, steps=steps, guidance_scale=guidance_scale)
-        t = self.clip.encode_text(self.check_captions([caption_now, caption_new]))["text_embed"]
-        diff = t[1] - t[0]
-        if float(diff.norm()) < 1e-6:
-            raise DataError(f"the captions {caption_now!r} and {caption_new!r} have the same CLIP text embedding: "
-                            f"there is no direction to edit along; change the new caption")
-        z_d = F.normalize(diff, dim=-1).expand_as(z)
+        b = z.shape[0]
+        now = [caption_now] * b if isinstance(caption_now, str) else list(caption_now)
+        new = [caption_new] * b if isinstance(caption_new, str) else list(caption_new)
+        if len(now) != b or len(new) != b:
+            raise DataError(f"{b} images but {len(now)} / {len(new)} captions: pass one caption, or one per image")
+        t = self.clip.encode_text(self.check_captions(now + new))["text_embed"]
+        diff = t[b:] - t[:b]                                                     # [B, D]
+        same = diff.norm(dim=-1) < 1e-6
+        if bool(same.any()):
+            i = int(same.nonzero()[0])
+            raise DataError(f"the captions {now[i]!r} and {new[i]!r} have the same CLIP text embedding: there is "
+                            f"no direction to edit along; change the new caption")
+        z_d = F.normalize(diff, dim=-1)
         out = []
         for theta in thetas.tolist():
             z_theta = slerp(z, z_d, theta).float()

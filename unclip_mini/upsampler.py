@@ -146,7 +146,8 @@ class UpsamplerConfig(PresetConfig):
         if preset == "smoke":  # smoke data is 16 px: outputs are 64 / 256 px
             unet = unet.replace(image_size=16 * SCALE ** stage)
         return cls(stage=stage, unet=unet, diffusion=_diffusion(stage, preset),
-                   degradation="blur" if stage == 1 else "bsr", sample_steps=27 if stage == 1 else 15,
+                   degradation="blur" if stage == 1 else "bsr",
+                   sample_steps=3 if preset == "smoke" else (27 if stage == 1 else 15),
                    crop_focus=0.0 if preset == "paper" else 0.5, cond_skip=preset != "paper",
                    train=_train(stage, preset))
 
