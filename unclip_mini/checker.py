@@ -31,6 +31,7 @@ class CheckerConfig(PresetConfig):
     hidden: int = 256                # width of the MLP head
     fresh_scenes: int = 8000         # freshly rendered scenes (half 'train'-like, half held-out pairs) added
     noise_aug: float = 0.05          # std of Gaussian noise added to training images ([-1, 1] units)
+    p_random_word: float = 0.3       # fresh one-object scenes labelled with a random shape's name (not read as shape)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=400, batch_size=64, lr=2e-3, warmup_steps=40, lr_schedule="cosine", weight_decay=0.0,
         ema_decay=0.99, ckpt_every=200, log_every=10))
@@ -39,6 +40,7 @@ class CheckerConfig(PresetConfig):
         check_positive(self, "width", "hidden")
         check_range(self, "fresh_scenes", 0, integer=True)
         check_range(self, "noise_aug", 0.0, 1.0)
+        check_range(self, "p_random_word", 0.0, 1.0)
 
     @classmethod
     def smoke(cls):
@@ -239,6 +241,13 @@ def _batches(cfg: CheckerConfig, dims, ctx):
     fresh = world.scenes(range(FRESH_OFFSET, FRESH_OFFSET + n - n // 2), "train")
     if world.heldout_pairs:  # the decoder is scored on held-out pairs too, so the checker must know them
         fresh += world.scenes(range(FRESH_OFFSET, FRESH_OFFSET + n // 2), "heldout")
+    # a written word must not be what the checker reads: on a share of the fresh one-object scenes the word is
+    # another shape's name (in the train split it always names the object), so the checker learns to look past it
+    g = torch.Generator().manual_seed(FRESH_OFFSET)
+    pick = torch.rand(len(fresh), generator=g).tolist()
+    words = torch.randint(0, len(world.cfg.shapes), (len(fresh),), generator=g).tolist()
+    fresh = [world.with_text(s, world.cfg.shapes[w]) if len(s.objects) == 1 and u < cfg.p_random_word else s
+             for s, u, w in zip(fresh, pick, words)]
     scenes = list(train.scenes()) + fresh
     images = torch.cat([train.images(), world.render(fresh)]) if fresh else train.images()
     targets = scene_targets(scenes, dims["colours"], dims["shapes"], dims["sizes"])
