@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import PresetConfig, check, check_choice, check_positive, check_range
 from .errors import ConfigError, DataError
 from .progress import tqdm
@@ -416,7 +417,7 @@ def ar_loss_fn(cond_drop_prob: float):
     def loss_fn(model, batch, generator):
         codes = batch["codes"]
         b = codes.shape[0]
-        drop = torch.rand(b, generator=generator, device=generator.device).to(codes.device) < cond_drop_prob
+        drop = distributed.rand(b, generator, codes.device) < cond_drop_prob
         logits = model(batch["text_tokens"], batch["text_mask"], batch["text_embed"], batch["dot_codes"],
                        codes, drop)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))

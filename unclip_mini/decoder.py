@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import distributed
 from . import gaussian_diffusion as gd
 from .config import PresetConfig, check, check_choice, check_positive, check_range
 from .errors import ArtifactError, ConfigError, DataError
@@ -368,13 +369,12 @@ def training_losses(model, x_start, image_embed, tokens, generator=None) -> dict
     """
     dec = model.module if hasattr(model, "module") else model
     cfg, b, dev = dec.cfg, x_start.shape[0], x_start.device
-    gdev = generator.device if generator is not None else dev
     t = dec.diffusion.sample_timesteps(b, generator, dev)
-    noise = torch.randn(x_start.shape, generator=generator, device=gdev).to(dev)
-    drop_text = torch.rand(b, generator=generator, device=gdev).to(dev) < cfg.p_drop_text
+    noise = gd.randn(x_start.shape, generator, dev)
+    drop_text = distributed.rand(b, generator, dev) < cfg.p_drop_text
     kwargs = {"tokens": tokens.masked_fill(drop_text[:, None], 0)}    # dropped = the empty caption
     if cfg.use_image_embed:
-        drop_image = torch.rand(b, generator=generator, device=gdev).to(dev) < cfg.p_drop_image
+        drop_image = distributed.rand(b, generator, dev) < cfg.p_drop_image
         kwargs["image_embed"] = image_embed * (~drop_image)[:, None]  # dropped = z_i set to zero
     return dec.diffusion.training_losses(model, x_start, t, model_kwargs=kwargs, noise=noise)
 

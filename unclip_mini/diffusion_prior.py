@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from . import gaussian_diffusion as gd
 from .config import PresetConfig, check, check_positive, check_range
 from .errors import ConfigError, DataError
@@ -243,8 +244,7 @@ def trim_padding(text_tokens, text_mask):
 
 def null_caption_mask(batch: int, p: float, generator=None, device=None) -> torch.Tensor:
     """Which rows lose their caption (classifier-free guidance training): `[batch]` bool, True w.p. `p`."""
-    gen_device = generator.device if generator is not None else device
-    return (torch.rand(batch, generator=generator, device=gen_device) < p).to(device)
+    return (distributed.rand(batch, generator) < p).to(device)
 
 
 def loss_fn(diffusion: gd.GaussianDiffusion, embed_scale: float, cond_drop_prob: float):
@@ -254,7 +254,7 @@ def loss_fn(diffusion: gd.GaussianDiffusion, embed_scale: float, cond_drop_prob:
         b, dev = image_embed.shape[0], image_embed.device
         x_start = image_embed * embed_scale                                # [B, D], ~unit variance per dim
         t = diffusion.sample_timesteps(b, generator, dev)
-        noise = torch.randn(x_start.shape, generator=generator, device=generator.device).to(dev)
+        noise = gd.randn(x_start.shape, generator, dev)
         drop = null_caption_mask(b, cond_drop_prob, generator, dev)
         kwargs = dict(text_embed=text_embed, text_tokens=text_tokens, text_mask=text_mask, drop=drop)
         terms = diffusion.training_losses(model, x_start, t, model_kwargs=kwargs, noise=noise)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from .progress import tqdm
 
+from . import distributed
 from .config import PresetConfig, check, check_choice, check_positive
 from .errors import ConfigError, DataError
 
@@ -142,10 +143,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 def randn(shape, generator=None, device=None):
-    """Standard normal noise; drawn on the generator's device so a CPU seed reproduces on any device."""
-    if generator is None:
-        return torch.randn(shape, device=device)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    """Standard normal noise; drawn on the generator's device so a CPU seed reproduces on any device (and, from
+    the training loop's generator, split-invariant across processes: `distributed.randn`)."""
+    return distributed.randn(shape, generator, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,9 +406,7 @@ class GaussianDiffusion(nn.Module):
 
     def sample_timesteps(self, batch, generator=None, device=None):
         """Uniform random steps `[batch]` (long) in [0, num_timesteps)."""
-        gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
-        return t.to(device)
+        return distributed.randint(0, self.num_timesteps, (batch,), generator, device)
 
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
         """One term of the VLB in bits per dim: dict(output [B], pred_xstart).

@@ -39,6 +39,7 @@ from .artifacts import RunFolder, atomic_write_json, code_version
 from .config import PRESETS, PresetConfig, check_choice, check_range
 from .data import DataConfig, ToyWorld, open_dataset
 from .errors import ArtifactError, ConfigError
+from .distributed import on_rank0
 from .train import StageSpec, Trainer, load_checkpoint, resolve_device, seed_everything, without_steps
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -270,6 +271,7 @@ def write_record(run: Run, name: str, config: dict, dims: dict | None = None, re
     """Mark stage `name` as trained: write its record `<run>/<name>/stage.json` (atomically) and return it.
 
     `config` is the component's trained config (`trained_config`); the run supplies the data and the seed.
+    Under torchrun rank 0 writes it and every rank returns rank 0's record.
     """
     identity = {"config": config, "data": run.cfg.data.to_dict(), "seed": run.seed, "dims": dict(dims or {})}
     requires = dict(requires or {})
@@ -277,8 +279,7 @@ def write_record(run: Run, name: str, config: dict, dims: dict | None = None, re
               "id": stage_id(name, {**identity, "requires": requires}), **identity, "requires": requires,
               "variant": fields.pop("variant", None), **fields,
               "code_version": code_version(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    atomic_write_json(record, run.folder.path(name, "stage.json"))
-    return record
+    return on_rank0(lambda: (atomic_write_json(record, run.folder.path(name, "stage.json")), record)[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,9 +309,10 @@ class StageContext:
         return self.run.embeddings(split)
 
     def save(self, artifact: str, payload: dict, config: dict, requires: dict | None = None):
-        """Write `<stage>/<artifact>.pt` (atomic), tied to `config` and to `requires` (default: the needs' ids)."""
-        return self.run.folder.save(self.name, artifact, payload, config=config,
-                                    requires=self.requires if requires is None else requires)
+        """Write `<stage>/<artifact>.pt` (atomic), tied to `config` and to `requires` (default: the needs' ids).
+        Under torchrun rank 0 writes it while the others wait; then every rank may `load` it."""
+        return on_rank0(self.run.folder.save, self.name, artifact, payload, config=config,
+                        requires=self.requires if requires is None else requires)
 
     def load(self, artifact: str, config: dict, requires: dict | None = None) -> dict:
         """Read `<stage>/<artifact>.pt`, refusing one made with another config or from other inputs."""
@@ -385,9 +387,10 @@ def train_stage(run: Run, name: str, steps: int | None = None, config=None, vari
                           run.folder.checkpoint_path(folder), stage=folder, config=identity, requires=requires,
                           seed=run.seed, device=run.device, progress=progress)
         history = trainer.fit()
-        network, trained_steps = trainer.ema.model, trainer.step
+        network, trained_steps = trainer.ema_network(lambda: spec.build(cfg, dims)), trainer.step
     obj = spec.wrap(network, cfg, dims, ctx)
-    results = spec.finish(obj, cfg, dims, ctx) if spec.finish else {}
+    # what the component measures and exports after training: rank 0 alone, the others get its results
+    results = on_rank0(spec.finish, obj, cfg, dims, ctx) if spec.finish else {}
     record = write_record(  # last: the stage is done
         run, folder, identity["config"], dims, requires, spec=name, variant=variant,
         parameters=sum(p.numel() for p in network.parameters()), steps=trained_steps,

@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .config import PresetConfig, check, check_choice, check_range
 from .degradations import DEGRADATIONS, check_images, degrade
 from .errors import ConfigError, DataError
@@ -188,9 +189,8 @@ def training_pairs(world, scenes, cfg: UpsamplerConfig, out_res: int, generator=
         raise ConfigError(f"crop side {c} exceeds the {out_res}-px render: lower crop_fraction")
     n = len(scenes)
     positions = (out_res - c) // SCALE + 1          # possible corners per axis, on the x4 grid
-    dev = generator.device if generator is not None else "cpu"
-    corners = torch.randint(0, positions, (n, 2), generator=generator, device=dev).cpu() * SCALE
-    u = torch.rand(n, 4, generator=generator, device=dev).cpu().tolist()   # drawn even when unused
+    corners = distributed.randint(0, positions, (n, 2), generator, "cpu") * SCALE
+    u = distributed.rand((n, 4), generator, "cpu").tolist()                 # drawn even when unused
     for k, scene in enumerate(scenes):
         if u[k][0] < cfg.crop_focus and scene.objects:   # centre the window near one object
             o = scene.objects[int(u[k][1] * len(scene.objects))]
@@ -200,7 +200,11 @@ def training_pairs(world, scenes, cfg: UpsamplerConfig, out_res: int, generator=
     crops = [(int(t), int(l), c) for t, l in corners.tolist()]
     high = to_float(world.render(scenes, out_res, crop=crops))                   # [B, 3, c, c]
     low = F.avg_pool2d(high, SCALE)                                              # area downsampling
-    cond = degrade(low, cfg.degradation, generator, cfg.blur_kernel, cfg.blur_sigma)
+    if cfg.degradation == "bsr":  # a random mixture per image, from a seed per image: split-invariant
+        seeds = distributed.randint(0, 2**62, (n,), generator, "cpu").tolist()
+        cond = torch.cat([degrade(low[k:k + 1], "bsr", torch.Generator().manual_seed(s)) for k, s in enumerate(seeds)])
+    else:
+        cond = degrade(low, cfg.degradation, generator, cfg.blur_kernel, cfg.blur_sigma)
     return {"high_res": high, "low_res": low, "cond": cond, "crops": crops}
 
 
