@@ -297,7 +297,7 @@ class Decoder(nn.Module):
         z2, tok2 = (rows[0], rows[1]) if z is not None else (None, rows[0])
         cond = self.condition(z2, tok2, drop=drop)
         fn = lambda x, t: self.unet(x, t, **cond)
-        return gd.classifier_free_guidance(fn, scale, guided_channels=3 if cfg.unet.learn_sigma else None), b
+        return gd.classifier_free_guidance(fn, scale), b   # the image channels; a learned variance is not guided
 
     def _chain(self, steps):
         steps = self.cfg.sample_steps if steps is None else int(steps)

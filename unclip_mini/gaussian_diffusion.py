@@ -554,8 +554,8 @@ def classifier_free_guidance(model, guidance_scale, guided_channels=None):
     The wrapped model runs once on `cat([x, x])`: its first B rows must see the condition and its last B
     the null condition, so every tensor in `model_kwargs` is `[2B, ...]` (build them with
     `with_null_rows`; None and non-tensor entries pass through; a model that holds its conditioning
-    already, e.g. in a cache, takes none). Only the first `guided_channels` channels of dim 1 (the
-    mean prediction; default: all) are guided; the rest (a learned variance) is taken from the
+    already, e.g. in a cache, takes none). Only the first `guided_channels` channels of dim 1 are guided
+    (default: as many as x has, the mean prediction); the rest (a learned variance) is taken from the
     conditional half. Guiding eps, x_0 or v gives the same sampler: for fixed x_t each is an affine
     function of the others whose x_t-term cancels in (cond - uncond), so the mixture maps across unchanged.
     """
@@ -567,7 +567,7 @@ def classifier_free_guidance(model, guidance_scale, guided_channels=None):
                                 f"{2 * b}: concatenate the conditional rows and the null (unconditional) rows")
         out = model(torch.cat([x, x]), torch.cat([t, t]), **model_kwargs)
         cond, uncond = out[:b], out[b:]
-        c = cond.shape[1] if guided_channels is None else guided_channels
+        c = x.shape[1] if guided_channels is None else guided_channels
         return torch.cat([guide(cond[:, :c], uncond[:, :c], guidance_scale), cond[:, c:]], dim=1)
 
     return guided
