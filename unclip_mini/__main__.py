@@ -3,6 +3,7 @@
     python -m unclip_mini course [--preset toy] [--out runs/toy] [--only 01 02] [--publish]
     python -m unclip_mini train STAGE [--preset toy] [--run-dir DIR] [--device auto] [--steps N]
     python -m unclip_mini bench [data prior ar_prior decoder upsampler pipeline] [--preset toy] [--peer]
+                                [--batch-size N] [--device cuda]
     python -m unclip_mini generate "a red circle left of a blue square" [-n 4] [--prior diffusion|ar]
                                    [--size 32|128|512] [--seed 0] [--run-dir runs/toy] [--out samples.png]
     python -m unclip_mini stages
@@ -46,7 +47,10 @@ def main(argv=None) -> int:
     b.add_argument("--run-dir", default=None)
     b.add_argument("--device", default="auto")
     b.add_argument("--peer", action="store_true",
-                   help="decoder: also time dalle2-pytorch's Unet in its own venv ($UNCLIP_PEER_PYTHON)")
+                   help="decoder, prior: also time dalle2-pytorch's Unet / DiffusionPrior in its own venv "
+                        "($UNCLIP_PEER_PYTHON)")
+    b.add_argument("--batch-size", type=int, default=None,
+                   help="training batch of every timed step (default: each config's; the paper's need many GPUs)")
 
     g = sub.add_parser("generate", help="text -> image with the run's trained stages; writes a PNG grid")
     g.add_argument("captions", nargs="+", help="one or more captions (quote each)")
@@ -80,7 +84,8 @@ def main(argv=None) -> int:
         if args.command == "bench":
             from .bench import main as bench
             from .stages import Run
-            bench(Run(args.preset, run_dir=args.run_dir, device=args.device), args.what, peer=args.peer)
+            bench(Run(args.preset, run_dir=args.run_dir, device=args.device), args.what, peer=args.peer,
+                  batch_size=args.batch_size)
             return 0
         if args.command == "generate":
             from .artifacts import check_output_path
