@@ -38,7 +38,8 @@ def command(world: int, *args):
 
 
 def env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "UNCLIP_PROGRESS": "off"}
 
 
 def run_job(world: int, *args, timeout=300):
@@ -113,7 +114,7 @@ def _kill_after_checkpoint(run_dir, out, at_step):
     try:
         for line in proc.stdout:
             seen.append(line)
-            if line.strip() == f"checkpoint decoder-dropout {at_step}":
+            if line.strip().endswith(f"checkpoint decoder-dropout {at_step}"):
                 time.sleep(random.uniform(0, 0.25))  # anywhere inside the next step
                 os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
                 break

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
             get_stage(args.stage)
             device = init_distributed() or args.device
             run = Run(args.preset, run_dir=args.run_dir, device=device, seed=args.seed)
-            print(run)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(run)
             load_or_train(run, args.stage, steps=args.steps)
             return 0
         if args.command == "bench":

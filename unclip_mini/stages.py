@@ -39,7 +39,7 @@ from .artifacts import RunFolder, atomic_write_json, code_version
 from .config import PRESETS, PresetConfig, check_choice, check_range
 from .data import DataConfig, ToyWorld, open_dataset
 from .errors import ArtifactError, ConfigError
-from .distributed import on_rank0
+from .distributed import dist_info, on_rank0
 from .train import StageSpec, Trainer, load_checkpoint, resolve_device, seed_everything, without_steps
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -279,7 +279,11 @@ def write_record(run: Run, name: str, config: dict, dims: dict | None = None, re
               "id": stage_id(name, {**identity, "requires": requires}), **identity, "requires": requires,
               "variant": fields.pop("variant", None), **fields,
               "code_version": code_version(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    return on_rank0(lambda: (atomic_write_json(record, run.folder.path(name, "stage.json")), record)[1])
+
+    def write():
+        atomic_write_json(record, run.folder.path(name, "stage.json"))
+        return record
+    return on_rank0(write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +437,7 @@ def load_or_train(run: Run, name: str, steps: int | None = None, verbose: bool =
     """Load stage `name` from the run folder; train it (and any missing stage it needs) if absent."""
     spec = get_stage(name)
     folder = _folder_name(name, variant)
+    verbose = verbose and dist_info()[0] == 0  # under torchrun rank 0 speaks for all
     if read_record(run, folder) is not None:
         obj = load_stage(run, name, config=config, variant=variant)
         if verbose:
