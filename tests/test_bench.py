@@ -1,5 +1,9 @@
 """The benchmarks: every one runs at smoke on fresh networks and writes JSON with the shared keys."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,9 +41,47 @@ def test_every_benchmark_writes_json_with_the_shared_keys(name, run):
     assert on_disk["result"] == json.loads(json.dumps(out["result"]))
     parts = timed_parts(out["result"])
     assert (name in ("data", "pipeline")) == (not parts), "every network benchmark times a step"
+    assert on_disk["machine"]["matmul_flop_per_s"] > 1e8        # measured in the same run
     for part in parts:
         assert {"params", "batch_size", "train_step_s", "sample_step_s"} <= set(part), (name, sorted(part))
         assert part["params"] > 0 and part["train_step_s"] > 0 and part["sample_step_s"] > 0
+        assert part["train_flops"] > 0 and 0 < part["train_vs_matmul"] < 5, (name, part)
+        assert part["train_flop_per_s"] == pytest.approx(part["train_flops"] / part["train_step_s"])
+
+
+def test_flops_of_a_training_step_are_counted():
+    lin = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(8, 64)
+    seconds, flops = bench.train_step_time(lin, lambda m: m(x).sum(), repeats=1)
+    assert seconds > 0 and flops == 2 * (2 * 8 * 64 * 32)   # forward and the weight's gradient (x needs none)
+
+
+def test_batch_size_option(run):
+    out = bench.run_benchmark(run, "decoder", batch_size=2)["result"]
+    assert out["ours"]["batch_size"] == 2
+    with pytest.raises(ConfigError, match="batch_size = 0 must be a positive int"):
+        bench.run_benchmark(run, "decoder", batch_size=0)
+
+
+@pytest.mark.skipif(not Path(bench.PEER_PYTHON).exists(), reason="the peer's venv (dalle2-pytorch) is not installed")
+def test_peer_prior_at_the_same_parameter_count(run):
+    out = bench.bench_prior(run, peer=True, rounds=1)
+    assert out["peer"]["name"] == "dalle2-pytorch DiffusionPrior" and out["peer"]["depth"] == out["ours"]["layers"]
+    assert abs(out["peer"]["params"] / out["ours"]["params"] - 1) < 0.35   # the closest width of the peer's
+    assert out["ratio_train"] > 0 and out["ratio_sample"] > 0
+
+
+def test_gpu_figures_script_runs_on_the_cpu_at_smoke(tmp_path):
+    """.ci/gpu_figures.sh, what a GPU session runs in one go, at smoke on the CPU (fewer benchmarks)."""
+    env = {**os.environ, "DEVICE": "cpu", "SMALL": "smoke", "PAPER": "smoke", "PAPER_BATCH": "2", "TRAIN_STEPS": "2",
+           "SMALL_BENCH": "decoder", "PAPER_BENCH": "prior", "NPROC": "1", "PYTHON": sys.executable,
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).resolve().parent.parent / ".ci" / "gpu_figures.sh"
+    proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| smoke | decoder | ours |" in summary and "| smoke-batch2 | prior | ours |" in summary
+    assert "train decoder --preset smoke, 2 steps on 1 process(es)" in summary
 
 
 def test_no_trained_stage_is_needed(run):

@@ -299,7 +299,9 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional():
     assert_close(gd.classifier_free_guidance(net, 1.0, guided_channels=3)(x, t, **kwargs), cond)
     assert_close(gd.classifier_free_guidance(net, 0.0, guided_channels=3)(x, t, **kwargs),
                  torch.cat([uncond[:, :3], cond[:, 3:]], dim=1))  # the variance part stays conditional
-    out = gd.classifier_free_guidance(net, 3.0)(x, t, **kwargs)
+    out = gd.classifier_free_guidance(net, 3.0)(x, t, **kwargs)  # by default the image's channels: x has 3
+    assert_close(out, torch.cat([(uncond + 3.0 * (cond - uncond))[:, :3], cond[:, 3:]], dim=1))
+    out = gd.classifier_free_guidance(net, 3.0, guided_channels=6)(x, t, **kwargs)
     assert_close(out, uncond + 3.0 * (cond - uncond))
     with pytest.raises(DataError, match="null"):
         gd.classifier_free_guidance(net, 3.0)(x, t, y=y_cond)

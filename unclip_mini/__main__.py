@@ -4,6 +4,7 @@
     python -m unclip_mini sweep 08 --param decoder_guidance 1 3 5 [--preset toy] [--out runs/toy]
     python -m unclip_mini train STAGE [--preset toy] [--run-dir DIR] [--device auto] [--steps N]
     python -m unclip_mini bench [data prior ar_prior decoder upsampler pipeline] [--preset toy] [--peer]
+                                [--batch-size N] [--device cuda]
     python -m unclip_mini generate "a red circle left of a blue square" [-n 4] [--prior diffusion|ar]
                                    [--size 32|128|512] [--seed 0] [--run-dir runs/toy] [--out samples.png]
     python -m unclip_mini stages
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -58,7 +60,10 @@ def main(argv=None) -> int:
     b.add_argument("--run-dir", default=None)
     b.add_argument("--device", default="auto")
     b.add_argument("--peer", action="store_true",
-                   help="decoder: also time dalle2-pytorch's Unet in its own venv ($UNCLIP_PEER_PYTHON)")
+                   help="decoder, prior: also time dalle2-pytorch's Unet / DiffusionPrior in its own venv "
+                        "($UNCLIP_PEER_PYTHON)")
+    b.add_argument("--batch-size", type=int, default=None,
+                   help="training batch of every timed step (default: each config's; the paper's need many GPUs)")
 
     g = sub.add_parser("generate", help="text -> image with the run's trained stages; writes a PNG grid")
     g.add_argument("captions", nargs="+", help="one or more captions (quote each)")
@@ -94,13 +99,15 @@ def main(argv=None) -> int:
             get_stage(args.stage)
             device = init_distributed() or args.device
             run = Run(args.preset, run_dir=args.run_dir, device=device, seed=args.seed)
-            print(run)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(run)
             load_or_train(run, args.stage, steps=args.steps)
             return 0
         if args.command == "bench":
             from .bench import main as bench
             from .stages import Run
-            bench(Run(args.preset, run_dir=args.run_dir, device=args.device), args.what, peer=args.peer)
+            bench(Run(args.preset, run_dir=args.run_dir, device=args.device), args.what, peer=args.peer,
+                  batch_size=args.batch_size)
             return 0
         if args.command == "generate":
             from .artifacts import check_output_path

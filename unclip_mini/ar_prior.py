@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import PresetConfig, check, check_choice, check_positive, check_range
 from .errors import ConfigError, DataError
 from .progress import tqdm
@@ -52,6 +53,8 @@ class ARPriorConfig(PresetConfig):
     layers: int = 3                    # (paper: 24)
     heads: int = 4                     # (paper: 26)
     dropout: float = 0.0               # (paper: none)
+    checkpoint: bool = False           # activation checkpointing per block in training (paper: not stated; on at
+                                       # `paper`: batch 4096 of 24 blocks x 1664 wide would not fit otherwise)
     cond_drop_prob: float = 0.1        # drop caption, z_t and dot token together, for guidance (paper: 10%)
     guidance_scale: float = 1.0        # classifier-free guidance on the logits; 1 = off (paper §5.5: guiding hurt)
     temperature: float = 1.0           # softmax temperature when sampling codes; 0 = argmax
@@ -70,6 +73,7 @@ class ARPriorConfig(PresetConfig):
         check_positive(self, "width", "layers", "heads")
         check(self.width % self.heads == 0, self, "heads", f"must divide width {self.width}")
         check_range(self, "dropout", 0.0, 1.0, high_open=True)
+        check_choice(self, "checkpoint", (True, False))
         check_range(self, "cond_drop_prob", 0.0, 1.0)
         check_range(self, "guidance_scale", 0.0)
         check_range(self, "temperature", 0.0)
@@ -97,11 +101,12 @@ class ARPriorConfig(PresetConfig):
     @classmethod
     def paper(cls):
         # Table 3, AR prior: latent decoder 1664 wide, 24 deep, 26 heads, context 384; AdamW wd 4e-2,
-        # batch 4096, 1M iterations, lr 1.6e-4, beta2 0.91, EMA 0.999 (Adam eps 1e-10 is not a TrainConfig field).
-        return cls(n_components=319, n_buckets=1024, width=1664, layers=24, heads=26,
+        # batch 4096, 1M iterations, lr 1.6e-4, beta2 0.91, Adam eps 1e-10, EMA 0.999.
+        return cls(n_components=319, n_buckets=1024, width=1664, layers=24, heads=26, checkpoint=True,
                    train=TrainConfig(steps=1_000_000, batch_size=4096, lr=1.6e-4, warmup_steps=10000,
-                                     weight_decay=0.04, betas=(0.9, 0.91), ema_decay=0.999,
-                                     ckpt_every=5000, log_every=100, precision="bf16"))
+                                     weight_decay=0.04, betas=(0.9, 0.91), eps=1e-10, ema_decay=0.999,
+                                     ckpt_every=5000, log_every=100, precision="bf16", grad_clip=0.0,
+                                     decay_1d=False, parallel="fsdp"))
 
     def pca_config(self) -> dict:
         """The fields that determine the PCA + quantizer artifact."""
@@ -323,7 +328,8 @@ class ARPriorNetwork(nn.Module):
         self.dot_embedding = nn.Embedding(cfg.dot_buckets + 1, w)        # the last row: "dropped"
         self.code_embedding = nn.Embedding(cfg.n_buckets, w)             # shared by every component
         self.positions = nn.Parameter(torch.randn(text_len + 2 + n_components, w) * 0.02)
-        self.transformer = Transformer(w, cfg.layers, cfg.heads, causal=True, dropout=cfg.dropout)
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, causal=True, dropout=cfg.dropout,
+                                       checkpoint=cfg.checkpoint)
         self.head = nn.Linear(w, cfg.n_buckets)
         nn.init.normal_(self.code_embedding.weight, std=0.02)
         nn.init.normal_(self.dot_embedding.weight, std=0.02)
@@ -416,7 +422,7 @@ def ar_loss_fn(cond_drop_prob: float):
     def loss_fn(model, batch, generator):
         codes = batch["codes"]
         b = codes.shape[0]
-        drop = torch.rand(b, generator=generator, device=generator.device).to(codes.device) < cond_drop_prob
+        drop = distributed.rand(b, generator, codes.device) < cond_drop_prob
         logits = model(batch["text_tokens"], batch["text_mask"], batch["text_embed"], batch["dot_codes"],
                        codes, drop)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))

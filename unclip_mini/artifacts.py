@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import diff_configs
+from .distributed import on_rank0
 from .errors import ArtifactError, CheckpointError
 
 FORMAT = "unclip_mini.artifact/1"
@@ -97,7 +98,7 @@ def atomic_write_json(obj, path) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
-def safe_torch_load(path, what="file", fix="delete it and rebuild it"):
+def safe_torch_load(path, what="file", fix="delete it and rebuild it", mmap: bool = False):
     """`torch.load(weights_only=True)` with errors that name the file and the fix.
 
     Missing file -> CheckpointError; truncated, corrupt or non-torch file -> CheckpointError;
@@ -109,7 +110,7 @@ def safe_torch_load(path, what="file", fix="delete it and rebuild it"):
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a {what} file: pass the file inside it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap or None)
     except Exception as e:  # zip errors, EOF, unpickling errors: all mean "not a usable file"
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
         reason = reason.splitlines()[0] if reason else type(e).__name__
@@ -229,4 +230,4 @@ class RunFolder:
         """Write `metrics/<name>.json`: the figures plus where they were measured (preset, device...)."""
         record = {"name": name, "preset": self.preset, **context, "code_version": code_version(),
                   "created": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
-        return atomic_write_json(record, self.path("metrics", f"{name}.json"))
+        return on_rank0(atomic_write_json, record, self.path("metrics", f"{name}.json"))

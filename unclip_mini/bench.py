@@ -5,9 +5,13 @@
 Every benchmark times freshly initialised networks of the run's config on random inputs (speed does not
 depend on the weights), so none needs a trained stage and each runs at any preset. Every file has the same
 layout: {"benchmark", "preset", "device", "wall_s", "machine" (what it ran on: device, threads, cores,
-torch, load average), "result"}, and every timed network in "result" reports `params`, `batch_size`,
-`train_step_s` (forward + backward + AdamW) and `sample_step_s` (one guided sampling step) where they
-apply. One timer (`timed`) and one pair of step helpers (`train_step_time`, `sample_step_time`) serve all.
+torch, load average, and the machine's matmul rate measured in the same run), "result"}, and every timed
+network in "result" reports `params`, `batch_size`, `train_step_s` (forward + backward + AdamW, in the
+preset's precision on CUDA) and `sample_step_s` (one guided sampling step) where they apply, and beside a
+training step its FLOPs (`train_flops`: the matmuls, convolutions and attention of forward + backward, counted
+by torch's FlopCounterMode), the rate it achieved (`train_flop_per_s`) and that rate over the matmul rate
+(`train_vs_matmul`). One timer (`timed`) and one pair of step helpers (`train_step_time`, `sample_step_time`)
+serve all. `batch_size` overrides the configs' training batches (the paper's do not fit one GPU).
 """
 from __future__ import annotations
 
@@ -46,8 +50,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int = 5, warmup: int = 1, device="cpu") -> float:
-    """Median wall seconds of `fn()` over `repeats` calls after `warmup` calls (CUDA synchronised)."""
+def timed(fn, repeats: int = 5, warmup: int = 1, device="cpu", best: bool = False) -> float:
+    """Median (`best`: fastest) wall seconds of `fn()` over `repeats` calls after `warmup` calls (CUDA synchronised)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -57,19 +61,64 @@ def timed(fn, repeats: int = 5, warmup: int = 1, device="cpu") -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return min(times) if best else sorted(times)[len(times) // 2]
 
 
-def train_step_time(model: nn.Module, loss_fn, repeats: int = 5, device="cpu", lr: float = 1e-4) -> float:
-    """Seconds of one training step: `loss_fn(model)` -> scalar, backward, AdamW."""
+PRECISION = {"bf16": torch.bfloat16}  # autocast dtype of a preset's precision, on CUDA (as train.Trainer)
+
+
+def autocast(device, precision: str = "fp32"):
+    on = precision in PRECISION and torch.device(device).type == "cuda"
+    return torch.autocast(torch.device(device).type, dtype=PRECISION.get(precision, torch.float32), enabled=on)
+
+
+def train_step_time(model: nn.Module, loss_fn, repeats: int = 5, device="cpu", lr: float = 1e-4,
+                    precision: str = "fp32") -> tuple[float, int]:
+    """(seconds, FLOPs) of one training step: `loss_fn(model)` -> scalar, backward, AdamW. The FLOPs are those
+    of forward + backward that FlopCounterMode counts (matmuls, convolutions, attention), from one more step."""
+    from torch.utils.flop_counter import FlopCounterMode
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(model).backward()
+        with autocast(device, precision):
+            loss = loss_fn(model)
+        loss.backward()
         opt.step()
-    return timed(step, repeats, device=device)
+    seconds = timed(step, repeats, device=device)
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, precision):
+            loss = loss_fn(model)
+        loss.backward()
+    opt.zero_grad(set_to_none=True)
+    return seconds, int(counter.get_total_flops())
+
+
+def matmul_rate(device="cpu", dtype=torch.float32, n: int | None = None, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of `repeats` square n x n matmuls (n = 1024 on a CPU, 8192 on a GPU): the machine's
+    practical peak at this thread count (the least disturbed call: the steps keep their fastest round too)."""
+    n = n or (8192 if torch.device(device).type == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, repeats, warmup=2, device=device, best=True)
+
+
+def matmul_rates(device) -> dict:
+    rates = {"matmul_flop_per_s": matmul_rate(device)}
+    if torch.device(device).type == "cuda":
+        rates["matmul_bf16_flop_per_s"] = matmul_rate(device, torch.bfloat16)
+    return rates
+
+
+def add_rates(result, rate: float):
+    """Beside every training step in `result` (nested dicts): its achieved FLOP/s and that over `rate`."""
+    if isinstance(result, dict):
+        if result.get("train_flops") and result.get("train_step_s"):
+            result["train_flop_per_s"] = result["train_flops"] / result["train_step_s"]
+            result["train_vs_matmul"] = result["train_flop_per_s"] / rate
+        for v in result.values():
+            add_rates(v, rate)
+    return result
 
 
 def sample_step_time(fn, repeats: int = 5, device="cpu") -> float:
@@ -119,7 +168,7 @@ def _text_inputs(run, b: int, text_len: int = 16):
             torch.randn(b, text_len, clip.text_width, device=dev), torch.ones(b, text_len, dtype=torch.bool, device=dev))
 
 
-def bench_prior(run, repeats: int = 5, sample_captions: int = 32) -> dict:
+def time_prior(run, b: int, repeats: int = 5, sample_captions: int = 32, whole: bool = True) -> dict:
     """The diffusion prior at the configured size: a training step, a guided sampling step, one embedding."""
     from . import gaussian_diffusion as gd
     from .diffusion_prior import DiffusionPrior, DiffusionPriorNetwork, loss_fn
@@ -128,23 +177,48 @@ def bench_prior(run, repeats: int = 5, sample_captions: int = 32) -> dict:
     model = DiffusionPriorNetwork(cfg, clip.embed_dim, clip.text_width, clip.context_length).to(dev)
     fn = loss_fn(gd.create_diffusion(cfg.diffusion).to(dev), cfg.scale_for(clip.embed_dim), cfg.cond_drop_prob)
     g = torch.Generator(device=dev).manual_seed(0)
-    b = cfg.train.batch_size
     zt, tokens, mask = _text_inputs(run, b)
     zi = F.normalize(torch.randn(b, clip.embed_dim, device=dev), dim=-1)
-    train_s = train_step_time(model, lambda m: fn(m, (zi, zt, tokens, mask), g)[0], repeats, dev)
+    train_s, flops = train_step_time(model, lambda m: fn(m, (zi, zt, tokens, mask), g)[0], repeats, dev,
+                                     precision=cfg.train.precision)
     prior = DiffusionPrior(model, cfg, dev)
     te, tt, tm = _text_inputs(run, sample_captions)
     cache = model.encode_prefix(*gd.with_null_rows(te, tt, tm))
     x, t = torch.randn(sample_captions, clip.embed_dim, device=dev), torch.full((sample_captions,), 10, device=dev)
     guided = gd.classifier_free_guidance(lambda x_, t_: model.forward_cached(x_, t_, cache), 2.0)
     step_s = sample_step_time(lambda: guided(x, t), repeats, dev)
-    whole = timed(lambda: prior.sample(te, tt, tm, generator=g), max(1, repeats // 2), device=dev)
-    return {"params": count_parameters(model), "batch_size": b, "train_step_s": train_s, "sample_step_s": step_s,
-            "sample_batch": sample_captions, "sample_s_per_embedding": whole / sample_captions,
-            "sample_steps": cfg.sample_steps, "num_candidates": cfg.num_candidates}
+    out = {"params": count_parameters(model), "batch_size": b, "train_step_s": train_s, "train_flops": flops,
+           "sample_step_s": step_s, "sample_batch": sample_captions, "sample_steps": cfg.sample_steps,
+           "num_candidates": cfg.num_candidates, "width": cfg.width, "layers": cfg.layers, "heads": cfg.heads,
+           "text_len": tokens.shape[1]}
+    if whole:
+        out["sample_s_per_embedding"] = timed(lambda: prior.sample(te, tt, tm, generator=g), max(1, repeats // 2),
+                                              device=dev) / sample_captions
+    return out
 
 
-def bench_ar_prior(run, repeats: int = 5, sample_captions: int = 64) -> dict:
+def bench_prior(run, peer: bool = False, batch_size: int | None = None, repeats: int = 5, rounds: int = 3,
+                sample_captions: int = 32) -> dict:
+    """This run's diffusion prior (training step, guided sampling step, one embedding) and, with `peer`,
+    dalle2-pytorch's `DiffusionPrior` at the same parameter count, depth and heads, on the same batch, caption
+    length and sampling batch (peer_bench.py --mode prior in the peer's venv), alternating for `rounds` rounds
+    (each keeps its fastest; see `bench_decoder`); ratios > 1: ours is faster."""
+    b = batch_size or run.cfg.diffusion_prior.train.batch_size
+    _check_peer(peer)
+    runs, dim = {"ours": [], "peer": []}, None
+    for k in range(rounds if peer else 1):
+        runs["ours"].append(time_prior(run, b, repeats, sample_captions, whole=k == 0))
+        if peer:
+            ours = runs["ours"][0]
+            args = ["--mode", "prior", "--params", ours["params"], "--depth", ours["layers"], "--heads", ours["heads"],
+                    "--batch-size", b, "--text-len", ours["text_len"], "--sample-batch", sample_captions,
+                    "--repeats", repeats, "--threads", torch.get_num_threads(), "--device", run.device]
+            runs["peer"].append(_peer(args + (["--dim", dim] if dim else [])))
+            dim = runs["peer"][0]["dim"]
+    return _compare(runs["ours"], runs["peer"], rounds)
+
+
+def bench_ar_prior(run, batch_size: int | None = None, repeats: int = 5, sample_captions: int = 64) -> dict:
     """The AR prior at the configured size: a training step, and drawing every code with and without the
     KV cache. K (codes per embedding) is the config's `n_components`, else the trained stage's, else D/4."""
     from .ar_prior import ARPriorNetwork, ar_loss_fn
@@ -154,18 +228,18 @@ def bench_ar_prior(run, repeats: int = 5, sample_captions: int = 64) -> dict:
     k = cfg.n_components or (record["dims"]["n_components"] if record else max(1, clip.embed_dim // 4))
     torch.manual_seed(0)
     model = ARPriorNetwork(cfg, clip.embed_dim, clip.text_width, clip.context_length, k).to(dev)
-    b = cfg.train.batch_size
+    b = batch_size or cfg.train.batch_size
     zt, tokens, mask = _text_inputs(run, b)
     batch = {"text_tokens": tokens, "text_mask": mask, "text_embed": zt,
              "dot_codes": torch.randint(0, cfg.dot_buckets, (b,), device=dev),
              "codes": torch.randint(0, cfg.n_buckets, (b, k), device=dev)}
     fn, g = ar_loss_fn(cfg.cond_drop_prob), torch.Generator(device=dev).manual_seed(0)
-    train_s = train_step_time(model, lambda m: fn(m, batch, g)[0], repeats, dev)
+    train_s, flops = train_step_time(model, lambda m: fn(m, batch, g)[0], repeats, dev, precision=cfg.train.precision)
     model.eval()
     te, tt, tm = _text_inputs(run, sample_captions)
     dots = torch.randint(0, cfg.dot_buckets, (sample_captions,), device=dev)
-    out = {"params": count_parameters(model), "batch_size": b, "train_step_s": train_s, "n_components": k,
-           "sample_batch": sample_captions}
+    out = {"params": count_parameters(model), "batch_size": b, "train_step_s": train_s, "train_flops": flops,
+           "n_components": k, "sample_batch": sample_captions}
     for name, cache in (("cache", True), ("no_cache", False)):
         s = timed(lambda: model.sample_codes(tt, tm, te, dots, generator=g, use_cache=cache), max(1, repeats // 2),
                   device=dev)
@@ -188,7 +262,8 @@ def time_decoder(cfg, batch_size: int, repeats: int = 5, device="cpu") -> dict:
     tokens[:, :11] = torch.randint(1, 40000, (b, 11))
     tokens[:, 11] = CLIP_VOCAB_SIZE - 1                                # an end-of-text id
     g = torch.Generator(device=device).manual_seed(0)
-    train_s = train_step_time(model, lambda m: m.training_losses(x, z, tokens, g)["loss"].mean(), repeats, device)
+    train_s, flops = train_step_time(model, lambda m: m.training_losses(x, z, tokens, g)["loss"].mean(), repeats,
+                                     device, precision=cfg.train.precision)
     model.eval()
     rows = (z, tokens) if z is not None else (tokens,)
     *rows, drop = gd.with_null_rows(*rows)
@@ -198,7 +273,7 @@ def time_decoder(cfg, batch_size: int, repeats: int = 5, device="cpu") -> dict:
     sample_s = sample_step_time(lambda: guided(x, t), repeats, device)
     return {"params": model.num_parameters(), "params_no_embedding": model.num_parameters(False),
             "unet_params": count_parameters(model.unet), "batch_size": b, "image_size": s,
-            "train_step_s": train_s, "sample_step_s": sample_s}
+            "train_step_s": train_s, "train_flops": flops, "sample_step_s": sample_s}
 
 
 def bench_decoder(run, peer: bool = False, batch_size: int | None = None, repeats: int = 5, rounds: int = 3,
@@ -212,10 +287,7 @@ def bench_decoder(run, peer: bool = False, batch_size: int | None = None, repeat
     cfg = run.cfg.decoder
     b = batch_size or cfg.train.batch_size
     device = str(run.device)
-    if peer and not Path(PEER_PYTHON).exists():
-        raise ConfigError(f"the peer's python {PEER_PYTHON} does not exist: create its venv with `python -m "
-                          f"venv /tmp/peer && /tmp/peer/bin/pip install torch==2.14.1 torchvision==0.29.1 "
-                          f"dalle2-pytorch`, or set UNCLIP_PEER_PYTHON")
+    _check_peer(peer)
     plain = cfg.replace(unet=cfg.unet.replace(pixel_unshuffle=1)) if cfg.unet.pixel_unshuffle > 1 else None
     runs = {"ours": [], "ours_no_unshuffle": [], "peer": []}
     old_threads = torch.get_num_threads()
@@ -228,47 +300,59 @@ def bench_decoder(run, peer: bool = False, batch_size: int | None = None, repeat
             if plain is not None:
                 runs["ours_no_unshuffle"].append(time_decoder(plain, b, repeats, device))
             if peer:
-                runs["peer"].append(_run_peer(runs["ours"][0]["params_no_embedding"], cfg, b, repeats,
-                                              torch.get_num_threads(), device, dim))
+                args = ["--mode", "unet", "--params", runs["ours"][0]["params_no_embedding"], "--image-size",
+                        cfg.image_size, "--batch-size", b, "--repeats", repeats, "--threads", torch.get_num_threads(),
+                        "--image-embed-dim", cfg.clip_dim, "--text-embed-dim", cfg.text_width, "--device", device]
+                runs["peer"].append(_peer(args + (["--dim", dim] if dim else [])))
                 dim = runs["peer"][0]["dim"]
     finally:
         torch.set_num_threads(old_threads)
-
-    def best(rows):
-        if not rows:
-            return None
-        out = dict(rows[0])
-        for key in ("train_step_s", "sample_step_s"):
-            out[key] = min(r[key] for r in rows)
-            out[key + "_all_rounds"] = [r[key] for r in rows]
-        return out
-
-    ours, ours_plain, theirs = best(runs["ours"]), best(runs["ours_no_unshuffle"]), best(runs["peer"])
-    result = {"rounds": rounds, "ours": ours, "ours_no_unshuffle": ours_plain}
-    if theirs is not None:
-        result["peer"] = theirs
-        result["ratio_train"] = theirs["train_step_s"] / ours["train_step_s"]   # > 1: ours is faster
-        result["ratio_sample"] = theirs["sample_step_s"] / ours["sample_step_s"]
-        if ours_plain:
-            result["ratio_train_no_unshuffle"] = theirs["train_step_s"] / ours_plain["train_step_s"]
-            result["ratio_sample_no_unshuffle"] = theirs["sample_step_s"] / ours_plain["sample_step_s"]
+    result = _compare(runs["ours"], runs["peer"], rounds)
+    result["ours_no_unshuffle"] = _best(runs["ours_no_unshuffle"])
+    if runs["peer"] and runs["ours_no_unshuffle"]:
+        plain = result["ours_no_unshuffle"]
+        result["ratio_train_no_unshuffle"] = result["peer"]["train_step_s"] / plain["train_step_s"]
+        result["ratio_sample_no_unshuffle"] = result["peer"]["sample_step_s"] / plain["sample_step_s"]
     return result
 
 
-def _run_peer(params, cfg, batch_size, repeats, threads, device, dim=None) -> dict:
-    """One run of peer_bench.py in the peer's venv; its JSON line as a dict."""
-    cmd = [PEER_PYTHON, str(PEER_SCRIPT), "--params", str(params), "--image-size", str(cfg.image_size),
-           "--batch-size", str(batch_size), "--repeats", str(repeats), "--threads", str(threads),
-           "--image-embed-dim", str(cfg.clip_dim), "--text-embed-dim", str(cfg.text_width), "--device", device]
-    if dim is not None:
-        cmd += ["--dim", str(dim)]
+def _best(rows):
+    """The first round's figures with each step time replaced by its fastest round (all rounds kept)."""
+    if not rows:
+        return None
+    out = dict(rows[0])
+    for key in ("train_step_s", "sample_step_s"):
+        out[key] = min(r[key] for r in rows)
+        out[key + "_all_rounds"] = [r[key] for r in rows]
+    return out
+
+
+def _compare(ours: list, theirs: list, rounds: int) -> dict:
+    result = {"rounds": rounds, "ours": _best(ours)}
+    if theirs:
+        result["peer"] = _best(theirs)
+        result["ratio_train"] = result["peer"]["train_step_s"] / result["ours"]["train_step_s"]   # > 1: ours faster
+        result["ratio_sample"] = result["peer"]["sample_step_s"] / result["ours"]["sample_step_s"]
+    return result
+
+
+def _check_peer(peer: bool):
+    if peer and not Path(PEER_PYTHON).exists():
+        raise ConfigError(f"the peer's python {PEER_PYTHON} does not exist: create its venv with `python -m "
+                          f"venv /tmp/peer && /tmp/peer/bin/pip install torch==2.14.1 torchvision==0.29.1 "
+                          f"dalle2-pytorch`, or set UNCLIP_PEER_PYTHON")
+
+
+def _peer(args) -> dict:
+    """One run of peer_bench.py in the peer's venv with `args`; its JSON line as a dict."""
+    cmd = [PEER_PYTHON, str(PEER_SCRIPT), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"the peer benchmark failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_upsampler(run, step_counts=None, n: int = 1, repeats: int = 3) -> dict:
+def bench_upsampler(run, step_counts=None, n: int = 1, repeats: int = 3, batch_size: int | None = None) -> dict:
     """Each upsampler at the configured size: a training step (one batch of crops) and a sampling step on
     whole images; and the seconds per image of the chain base -> x4 -> x16 at each pair of step counts
     (default (5, 5), (10, 10) and the configs' own)."""
@@ -282,7 +366,7 @@ def bench_upsampler(run, step_counts=None, n: int = 1, repeats: int = 3) -> dict
         torch.manual_seed(0)
         net = UNetModel(cfg.unet).to(dev)
         diffusion = create_diffusion(cfg.diffusion)
-        c, b = cfg.crop_size, cfg.train.batch_size
+        c, b = cfg.crop_size, batch_size or cfg.train.batch_size
         x0, cond = torch.randn(b, 3, c, c, device=dev), torch.randn(b, 3, c, c, device=dev)
         g = torch.Generator(device=dev).manual_seed(0)
 
@@ -290,7 +374,7 @@ def bench_upsampler(run, step_counts=None, n: int = 1, repeats: int = 3) -> dict
             t = diffusion.sample_timesteps(b, g, dev)
             return diffusion.training_losses(model_fn(m, cfg.cond_skip), x0, t, {"cond": cond},
                                              randn(x0.shape, g, dev))["loss"].mean()
-        train_s = train_step_time(net, loss, repeats, dev)
+        train_s, flops = train_step_time(net, loss, repeats, dev, precision=cfg.train.precision)
         side = base * SCALE ** stage
         xt = torch.randn(n, 3, side, side, device=dev)
         low = resize_cond(torch.randn(n, 3, side // SCALE, side // SCALE, device=dev), (side, side))
@@ -299,7 +383,8 @@ def bench_upsampler(run, step_counts=None, n: int = 1, repeats: int = 3) -> dict
                                                                                        device=dev), cond=low),
                                   repeats, dev)
         out[f"upsampler{stage}"] = {"params": count_parameters(net), "batch_size": b, "crop_size": c,
-                                    "train_step_s": train_s, "sample_step_s": step_s, "sample_image_size": side,
+                                    "train_step_s": train_s, "train_flops": flops, "sample_step_s": step_s,
+                                    "sample_image_size": side,
                                     "sample_batch": n}
         ups[stage] = Upsampler(cfg, net, dev)
     step_counts = step_counts or ((5, 5), (10, 10), (ups[1].cfg.sample_steps, ups[2].cfg.sample_steps))
@@ -351,21 +436,37 @@ def bench_pipeline(run, batches=(1, 16)) -> dict:
     return out
 
 
-def run_benchmark(run, name: str, peer: bool = False) -> dict:
-    """Run one benchmark on `run`, write `<run>/bench/<name>.json`, return its dict."""
+def run_benchmark(run, name: str, peer: bool = False, batch_size: int | None = None) -> dict:
+    """Run one benchmark on `run`, write `<run>/bench/<name>.json`, return its dict. `batch_size` replaces the
+    configs' training batches (data and pipeline have none)."""
     if name not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size = {batch_size!r} must be a positive int (or None for the configs')")
+    before = matmul_rates(run.device)     # measured in this run, before and after the steps: the faster counts
     t0 = time.perf_counter()
-    fn = {"data": bench_data, "prior": bench_prior, "ar_prior": bench_ar_prior, "upsampler": bench_upsampler,
-          "decoder": lambda r: bench_decoder(r, peer=peer), "pipeline": bench_pipeline}[name]
+    b = {"batch_size": batch_size}
+    fn = {"data": bench_data, "prior": lambda r: bench_prior(r, peer=peer, **b),
+          "ar_prior": lambda r: bench_ar_prior(r, **b), "upsampler": lambda r: bench_upsampler(r, **b),
+          "decoder": lambda r: bench_decoder(r, peer=peer, **b), "pipeline": bench_pipeline}[name]
     result = fn(run)
-    out = {"benchmark": name, "preset": run.preset, "device": str(run.device), "wall_s": time.perf_counter() - t0,
-           "machine": machine(), "result": result}
+    wall = time.perf_counter() - t0
+    rates = {k: max(v, before[k]) for k, v in matmul_rates(run.device).items()}
+    add_rates(result, rates["matmul_bf16_flop_per_s" if run.device.type == "cuda" and
+                            _precision(run, name) == "bf16" else "matmul_flop_per_s"])
+    out = {"benchmark": name, "preset": run.preset, "device": str(run.device), "wall_s": wall,
+           "machine": {**machine(), **rates}, "result": result}
     atomic_write_json(out, run.folder.path("bench", f"{name}.json"))
     return out
 
 
-def main(run, names=None, peer: bool = False) -> dict:
+def _precision(run, name: str) -> str:
+    field = {"prior": "diffusion_prior", "upsampler": "upsampler1"}.get(name, name)
+    part = getattr(run.cfg, field, None)
+    return part.train.precision if part is not None and hasattr(part, "train") else "fp32"
+
+
+def main(run, names=None, peer: bool = False, batch_size: int | None = None) -> dict:
     """Run the named benchmarks (default all), printing where each wrote its JSON."""
     names = list(names or BENCHMARKS)
     for n in names:
@@ -374,6 +475,6 @@ def main(run, names=None, peer: bool = False) -> dict:
     results = {}
     for n in names:
         print(f"bench {n} ...", flush=True)
-        results[n] = run_benchmark(run, n, peer=peer)
+        results[n] = run_benchmark(run, n, peer=peer, batch_size=batch_size)
         print(f"  -> {run.folder.path('bench', n + '.json')} ({results[n]['wall_s']:.1f} s)", flush=True)
     return results

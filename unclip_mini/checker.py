@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import PresetConfig, check_positive, check_range
 from .data import CENTRES, PAIR_TEMPLATES, Scene, SceneObject, caption_facts
 from .errors import DataError
@@ -263,7 +264,7 @@ def _loss(cfg: CheckerConfig, dims, ctx):
         x, y = batch
         x = _as_float(x)
         if cfg.noise_aug > 0:  # generated images are never as clean as renders
-            x = x + cfg.noise_aug * torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+            x = x + cfg.noise_aug * distributed.randn(x.shape, generator, x.device)
         logits = model(x)
         losses = {k: F.cross_entropy(logits[k].flatten(0, 1), y[k].flatten()) for k in logits}
         return sum(losses.values()), {k: v.item() for k, v in losses.items()}

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import distributed
 from . import gaussian_diffusion as gd
 from .config import PresetConfig, check, check_choice, check_positive, check_range
 from .errors import ArtifactError, ConfigError, DataError
@@ -61,6 +62,8 @@ class DecoderConfig(PresetConfig):
     text_width: int = 64             # GLIDE text encoder width = unet.context_dim (paper: 2048)
     text_layers: int = 2             # (paper: 24)
     text_heads: int = 4              # (paper: 32)
+    text_checkpoint: bool = False    # activation checkpointing of the text encoder's blocks (paper: not stated; on at
+                                     # `paper`, as the U-Net's: recomputing it costs a few % of a step)
     use_image_embed: bool = True     # False: the GLIDE-style baseline (caption only)
     n_image_tokens: int = 4          # context tokens projected from z_i (paper: 4)
     p_drop_image: float = 0.1        # P(z_i zeroed) in training, for guidance (paper: 0.1)
@@ -79,6 +82,7 @@ class DecoderConfig(PresetConfig):
                        "n_image_tokens")
         if self.token_dim is not None:
             check_positive(self, "token_dim")
+        check_choice(self, "text_checkpoint", (True, False))
         check(self.text_width % self.text_heads == 0, self, "text_heads",
               f"must divide text_width {self.text_width}")
         check(self.unet.context_dim == self.text_width, self, "text_width",
@@ -124,9 +128,11 @@ class DecoderConfig(PresetConfig):
     def paper(cls):
         # Table 3: 3.5B params incl. GLIDE's 1.2B text encoder; batch 2048, 800K steps, lr 1.2e-4, EMA 0.9999
         return cls(unet=UNetConfig.paper(), diffusion=DiffusionConfig.paper(), clip_dim=1024, text_ctx=77,
-                   token_dim=None, text_width=2048, text_layers=24, text_heads=32, sampler="ddpm", sample_steps=250,
+                   token_dim=None, text_width=2048, text_layers=24, text_heads=32, text_checkpoint=True,
+                   sampler="ddpm", sample_steps=250,
                    train=TrainConfig(steps=800_000, batch_size=2048, lr=1.2e-4, warmup_steps=10000,
-                                     ema_decay=0.9999, ckpt_every=5000, log_every=100, precision="bf16"))
+                                     ema_decay=0.9999, ckpt_every=5000, log_every=100, precision="bf16",
+                                     grad_clip=0.0, decay_1d=False, parallel="fsdp"))
 
     @classmethod
     def glide(cls, preset: str = "toy"):
@@ -154,13 +160,13 @@ class TextEncoder(nn.Module):
     """
 
     def __init__(self, vocab_size: int, text_ctx: int, width: int, layers: int, heads: int,
-                 token_dim: int | None = None):
+                 token_dim: int | None = None, checkpoint: bool = False):
         super().__init__()
         d = token_dim or width
         self.token_embedding = nn.Embedding(vocab_size, d)
         self.token_proj = nn.Linear(d, width, bias=False) if d != width else nn.Identity()
         self.positional_embedding = nn.Parameter(torch.randn(text_ctx, width) * 0.01)
-        self.transformer = Transformer(width, layers, heads, causal=False)
+        self.transformer = Transformer(width, layers, heads, causal=False, checkpoint=checkpoint)
 
     def forward(self, tokens: torch.Tensor):
         mask = tokens != 0                                             # [B, L]; SOT .. EOT are non-zero
@@ -186,7 +192,8 @@ class Decoder(nn.Module):
         self.cfg = cfg
         emb_dim, width = cfg.unet.time_embed_dim, cfg.text_width
         self.unet = UNetModel(cfg.unet)
-        self.text = TextEncoder(cfg.vocab_size, cfg.text_ctx, width, cfg.text_layers, cfg.text_heads, cfg.token_dim)
+        self.text = TextEncoder(cfg.vocab_size, cfg.text_ctx, width, cfg.text_layers, cfg.text_heads, cfg.token_dim,
+                                cfg.text_checkpoint)
         self.text_to_emb = nn.Linear(width, emb_dim)                    # GLIDE's transformer_proj
         if cfg.use_image_embed:
             self.image_to_emb = nn.Linear(cfg.clip_dim, emb_dim)          # z_i -> the timestep embedding
@@ -290,7 +297,7 @@ class Decoder(nn.Module):
         z2, tok2 = (rows[0], rows[1]) if z is not None else (None, rows[0])
         cond = self.condition(z2, tok2, drop=drop)
         fn = lambda x, t: self.unet(x, t, **cond)
-        return gd.classifier_free_guidance(fn, scale, guided_channels=3 if cfg.unet.learn_sigma else None), b
+        return gd.classifier_free_guidance(fn, scale), b   # the image channels; a learned variance is not guided
 
     def sampling_chain(self, steps=None):
         """The diffusion respaced to `steps` sampling steps (None: the config's), on the decoder's device."""
@@ -369,13 +376,12 @@ def training_losses(model, x_start, image_embed, tokens, generator=None) -> dict
     """
     dec = model.module if hasattr(model, "module") else model
     cfg, b, dev = dec.cfg, x_start.shape[0], x_start.device
-    gdev = generator.device if generator is not None else dev
     t = dec.diffusion.sample_timesteps(b, generator, dev)
-    noise = torch.randn(x_start.shape, generator=generator, device=gdev).to(dev)
-    drop_text = torch.rand(b, generator=generator, device=gdev).to(dev) < cfg.p_drop_text
+    noise = gd.randn(x_start.shape, generator, dev)
+    drop_text = distributed.rand(b, generator, dev) < cfg.p_drop_text
     kwargs = {"tokens": tokens.masked_fill(drop_text[:, None], 0)}    # dropped = the empty caption
     if cfg.use_image_embed:
-        drop_image = torch.rand(b, generator=generator, device=gdev).to(dev) < cfg.p_drop_image
+        drop_image = distributed.rand(b, generator, dev) < cfg.p_drop_image
         kwargs["image_embed"] = image_embed * (~drop_image)[:, None]  # dropped = z_i set to zero
     return dec.diffusion.training_losses(model, x_start, t, model_kwargs=kwargs, noise=noise)
 

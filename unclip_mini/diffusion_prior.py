@@ -26,7 +26,7 @@ trained with L_prior = E_{t, z_i^(t)} || f(z_i^(t), t, y) - z_i ||^2 (the librar
   which is not implemented here), guidance scale s, and best-of-N: N candidates per caption, keep the
   one with the largest dot product with z_t (paper: N = 2).
 
-Not implemented: the paper's analytic sampling variance (Bao et al. 2022) and its Adam epsilon (1e-6, Table 3).
+Not implemented: the paper's analytic sampling variance (Bao et al. 2022).
 """
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from . import gaussian_diffusion as gd
-from .config import PresetConfig, check, check_positive, check_range
+from .config import PresetConfig, check, check_choice, check_positive, check_range
 from .errors import ConfigError, DataError
 from .progress import tqdm
 from .train import StageSpec, TrainConfig
@@ -62,6 +63,8 @@ class DiffusionPriorConfig(PresetConfig):
     layers: int = 4                   # transformer blocks (paper: 24)
     heads: int = 4                    # attention heads (paper: 32)
     dropout: float = 0.0              # residual / attention dropout (paper: none listed)
+    checkpoint: bool = False          # activation checkpointing per block in training (paper: not stated; on at
+                                      # `paper`: batch 4096 of 24 blocks x 2048 wide would not fit otherwise)
     diffusion: gd.DiffusionConfig = field(default_factory=_prior_diffusion)  # paper: 1000 steps, cosine, x0
     embed_scale: float | None = None  # z_i is multiplied by this before diffusion; None: sqrt(D) (paper: 17.2)
     cond_drop_prob: float = 0.1       # caption + z_t replaced by null embeddings this often (paper: 10%)
@@ -79,6 +82,7 @@ class DiffusionPriorConfig(PresetConfig):
         check_positive(self, "width", "layers", "heads", "sample_steps", "num_candidates")
         check(self.width % self.heads == 0, self, "heads", f"must divide width {self.width}")
         check_range(self, "dropout", 0.0, 1.0, high_open=True)
+        check_choice(self, "checkpoint", (True, False))
         check(isinstance(self.diffusion, gd.DiffusionConfig), self, "diffusion",
               "must be a gaussian_diffusion.DiffusionConfig")
         check(self.diffusion.var_type != "learned_range", self, "diffusion",
@@ -117,10 +121,10 @@ class DiffusionPriorConfig(PresetConfig):
         # unCLIP Table 3 (diffusion prior): 1B params, width 2048, 24 blocks, 32 heads, batch 4096, 600K
         # iterations, lr 1.1e-4, Adam beta2 0.96, weight decay 6.0e-2, EMA 0.9999; 1000 cosine steps, 64
         # sampling steps. The warm-up length is not given there (ours: 10K steps).
-        return cls(width=2048, layers=24, heads=32, embed_scale=17.2, train=TrainConfig(
+        return cls(width=2048, layers=24, heads=32, embed_scale=17.2, checkpoint=True, train=TrainConfig(
             steps=600_000, batch_size=4096, lr=1.1e-4, warmup_steps=10_000, lr_schedule="constant",
-            weight_decay=6e-2, betas=(0.9, 0.96), ema_decay=0.9999, ckpt_every=5000, log_every=100,
-            precision="bf16"))
+            weight_decay=6e-2, betas=(0.9, 0.96), eps=1e-6, ema_decay=0.9999, ckpt_every=5000, log_every=100,
+            precision="bf16", grad_clip=0.0, decay_1d=False, parallel="fsdp"))
 
     def scale_for(self, embed_dim: int) -> float:
         """The factor z_i is multiplied by before diffusion: `embed_scale`, or sqrt(D) when it is None."""
@@ -146,7 +150,8 @@ class DiffusionPriorNetwork(nn.Module):
         self.null_text_embed = nn.Parameter(0.02 * torch.randn(w))  # stands in for z_t when the caption is dropped
         self.text_pos = nn.Parameter(0.01 * torch.randn(max_text_len, w))
         self.slot_pos = nn.Parameter(0.01 * torch.randn(len(SLOTS), w))  # z_t, t, z_i^(t), query
-        self.transformer = Transformer(w, cfg.layers, cfg.heads, causal=True, dropout=cfg.dropout)
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, causal=True, dropout=cfg.dropout,
+                                       checkpoint=cfg.checkpoint)
         self.out = nn.Linear(w, embed_dim)
 
     # -- the two halves of the sequence --------------------------------------------------------
@@ -246,8 +251,7 @@ def trim_padding(text_tokens, text_mask):
 
 def null_caption_mask(batch: int, p: float, generator=None, device=None) -> torch.Tensor:
     """Which rows lose their caption (classifier-free guidance training): `[batch]` bool, True w.p. `p`."""
-    gen_device = generator.device if generator is not None else device
-    return (torch.rand(batch, generator=generator, device=gen_device) < p).to(device)
+    return (distributed.rand(batch, generator) < p).to(device)
 
 
 def loss_fn(diffusion: gd.GaussianDiffusion, embed_scale: float, cond_drop_prob: float):
@@ -257,7 +261,7 @@ def loss_fn(diffusion: gd.GaussianDiffusion, embed_scale: float, cond_drop_prob:
         b, dev = image_embed.shape[0], image_embed.device
         x_start = image_embed * embed_scale                                # [B, D], ~unit variance per dim
         t = diffusion.sample_timesteps(b, generator, dev)
-        noise = torch.randn(x_start.shape, generator=generator, device=generator.device).to(dev)
+        noise = gd.randn(x_start.shape, generator, dev)
         drop = null_caption_mask(b, cond_drop_prob, generator, dev)
         kwargs = dict(text_embed=text_embed, text_tokens=text_tokens, text_mask=text_mask, drop=drop)
         terms = diffusion.training_losses(model, x_start, t, model_kwargs=kwargs, noise=noise)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from .progress import tqdm
 
+from . import distributed
 from .config import PresetConfig, check, check_choice, check_positive
 from .errors import ConfigError, DataError
 
@@ -142,10 +143,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 def randn(shape, generator=None, device=None):
-    """Standard normal noise; drawn on the generator's device so a CPU seed reproduces on any device."""
-    if generator is None:
-        return torch.randn(shape, device=device)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    """Standard normal noise; drawn on the generator's device so a CPU seed reproduces on any device (and, from
+    the training loop's generator, split-invariant across processes: `distributed.randn`)."""
+    return distributed.randn(shape, generator, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,9 +406,7 @@ class GaussianDiffusion(nn.Module):
 
     def sample_timesteps(self, batch, generator=None, device=None):
         """Uniform random steps `[batch]` (long) in [0, num_timesteps)."""
-        gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
-        return t.to(device)
+        return distributed.randint(0, self.num_timesteps, (batch,), generator, device)
 
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
         """One term of the VLB in bits per dim: dict(output [B], pred_xstart).
@@ -556,8 +554,8 @@ def classifier_free_guidance(model, guidance_scale, guided_channels=None):
     The wrapped model runs once on `cat([x, x])`: its first B rows must see the condition and its last B
     the null condition, so every tensor in `model_kwargs` is `[2B, ...]` (build them with
     `with_null_rows`; None and non-tensor entries pass through; a model that holds its conditioning
-    already, e.g. in a cache, takes none). Only the first `guided_channels` channels of dim 1 (the
-    mean prediction; default: all) are guided; the rest (a learned variance) is taken from the
+    already, e.g. in a cache, takes none). Only the first `guided_channels` channels of dim 1 are guided
+    (default: as many as x has, the mean prediction); the rest (a learned variance) is taken from the
     conditional half. Guiding eps, x_0 or v gives the same sampler: for fixed x_t each is an affine
     function of the others whose x_t-term cancels in (cond - uncond), so the mixture maps across unchanged.
     """
@@ -569,7 +567,7 @@ def classifier_free_guidance(model, guidance_scale, guided_channels=None):
                                 f"{2 * b}: concatenate the conditional rows and the null (unconditional) rows")
         out = model(torch.cat([x, x]), torch.cat([t, t]), **model_kwargs)
         cond, uncond = out[:b], out[b:]
-        c = cond.shape[1] if guided_channels is None else guided_channels
+        c = x.shape[1] if guided_channels is None else guided_channels
         return torch.cat([guide(cond[:, :c], uncond[:, :c], guidance_scale), cond[:, c:]], dim=1)
 
     return guided

@@ -66,7 +66,8 @@ def save_metrics(run: Run, name: str, metrics: dict, notes: dict | None = None) 
 
 def save_figure(run: Run, fig, name: str) -> None:
     """Save a matplotlib figure as `<run>/figures/<name>.png` (it is also shown inline)."""
-    fig.savefig(run.folder.figure_path(f"{_tagged(run, name)}.png"), dpi=100, bbox_inches="tight")
+    from .distributed import on_rank0
+    on_rank0(fig.savefig, run.folder.figure_path(f"{_tagged(run, name)}.png"), dpi=100, bbox_inches="tight")
 
 
 def _tagged(run: Run, name: str) -> str:

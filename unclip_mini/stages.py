@@ -40,8 +40,9 @@ from .artifacts import RunFolder, atomic_write_json, code_version
 from .config import PRESETS, PresetConfig, check_choice, check_range
 from .data import DataConfig, ToyWorld, open_dataset
 from .errors import ArtifactError, ConfigError
-from .train import (StageSpec, Trainer, dist_info, load_checkpoint, resolve_device, seed_everything,
-                    training_threads, without_steps)
+from .distributed import dist_info, on_rank0
+from .train import (StageSpec, Trainer, load_checkpoint, resolve_device, seed_everything, training_threads,
+                    without_steps)
 
 try:
     import fcntl  # POSIX file locks (training_lock)
@@ -277,6 +278,7 @@ def write_record(run: Run, name: str, config: dict, dims: dict | None = None, re
     """Mark stage `name` as trained: write its record `<run>/<name>/stage.json` (atomically) and return it.
 
     `config` is the component's trained config (`trained_config`); the run supplies the data and the seed.
+    Under torchrun rank 0 writes it and every rank returns rank 0's record.
     """
     identity = {"config": config, "data": run.cfg.data.to_dict(), "seed": run.seed, "dims": dict(dims or {})}
     requires = dict(requires or {})
@@ -284,8 +286,11 @@ def write_record(run: Run, name: str, config: dict, dims: dict | None = None, re
               "id": stage_id(name, {**identity, "requires": requires}), **identity, "requires": requires,
               "variant": fields.pop("variant", None), **fields,
               "code_version": code_version(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    atomic_write_json(record, run.folder.path(name, "stage.json"))
-    return record
+
+    def write():
+        atomic_write_json(record, run.folder.path(name, "stage.json"))
+        return record
+    return on_rank0(write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,9 +320,10 @@ class StageContext:
         return self.run.embeddings(split)
 
     def save(self, artifact: str, payload: dict, config: dict, requires: dict | None = None):
-        """Write `<stage>/<artifact>.pt` (atomic), tied to `config` and to `requires` (default: the needs' ids)."""
-        return self.run.folder.save(self.name, artifact, payload, config=config,
-                                    requires=self.requires if requires is None else requires)
+        """Write `<stage>/<artifact>.pt` (atomic), tied to `config` and to `requires` (default: the needs' ids).
+        Under torchrun rank 0 writes it while the others wait; then every rank may `load` it."""
+        return on_rank0(self.run.folder.save, self.name, artifact, payload, config=config,
+                        requires=self.requires if requires is None else requires)
 
     def load(self, artifact: str, config: dict, requires: dict | None = None) -> dict:
         """Read `<stage>/<artifact>.pt`, refusing one made with another config or from other inputs."""
@@ -393,9 +399,10 @@ def train_stage(run: Run, name: str, steps: int | None = None, config=None, vari
                           seed=run.seed, device=run.device, progress=progress)
         with training_threads():
             history = trainer.fit()
-        network, trained_steps = trainer.ema.model, trainer.step
+        network, trained_steps = trainer.ema_network(lambda: spec.build(cfg, dims)), trainer.step
     obj = spec.wrap(network, cfg, dims, ctx)
-    results = spec.finish(obj, cfg, dims, ctx) if spec.finish else {}
+    # what the component measures and exports after training: rank 0 alone, the others get its results
+    results = on_rank0(spec.finish, obj, cfg, dims, ctx) if spec.finish else {}
     record = write_record(  # last: the stage is done
         run, folder, identity["config"], dims, requires, spec=name, variant=variant,
         parameters=sum(p.numel() for p in network.parameters()), steps=trained_steps,
@@ -438,6 +445,7 @@ def load_or_train(run: Run, name: str, steps: int | None = None, verbose: bool =
     """Load stage `name` from the run folder; train it (and any missing stage it needs) if absent."""
     spec = get_stage(name)
     folder = _folder_name(name, variant)
+    verbose = verbose and dist_info()[0] == 0  # under torchrun rank 0 speaks for all
     if read_record(run, folder) is not None:
         obj = load_stage(run, name, config=config, variant=variant)
         if verbose:

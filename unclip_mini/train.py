@@ -12,8 +12,14 @@ train, record, check and load the stage. What the loop guarantees:
 - **Loud failures.** A NaN or infinite loss stops training with the step and the last good checkpoint.
 
 Randomness inside `loss_fn` (timesteps, noise, condition dropout) must come from the `generator` it is
-given; the model's own dropout uses torch's global RNG, which is checkpointed too.
-Under `torchrun` (DDP) each rank takes its slice of every global batch and rank 0 writes.
+given, through `distributed.rand / randn / randint` (or helpers built on them, e.g.
+`gaussian_diffusion.randn`); the model's own dropout uses torch's global RNG, which is checkpointed too.
+
+Under `torchrun` each rank takes its slice of every global batch; the network is wrapped in DDP, or sharded
+with FSDP (`TrainConfig.parallel`); the per-example draws do not depend on the split, so N processes train
+what one process would on the same global batch (distributed.py says how); the logged loss is the mean over
+ranks; rank 0 alone writes the checkpoint, which holds every rank's random states, so each rank resumes
+its own streams.
 """
 from __future__ import annotations
 
@@ -30,8 +36,10 @@ import numpy as np
 import torch
 from .progress import tqdm
 
+from . import distributed
 from .artifacts import atomic_torch_save, make_meta, safe_torch_load
 from .config import PresetConfig, check, check_choice, check_positive, check_range, diff_configs
+from .distributed import BatchGenerator, DistributedError, dist_info, init_distributed, on_rank0  # noqa: F401
 from .errors import CheckpointError, ConfigError, DeviceError, TrainingDiverged
 
 CHECKPOINT_FORMAT = "unclip_mini.checkpoint/1"
@@ -45,13 +53,19 @@ class TrainConfig(PresetConfig):
     lr: float = 1e-3              # peak learning rate (paper decoder: 1.2e-4 at batch 2048)
     warmup_steps: int = 100       # linear LR warm-up
     lr_schedule: str = "constant"  # after warm-up: 'constant' | 'cosine' (to 10% of lr)
-    weight_decay: float = 0.0     # AdamW (paper prior: 6e-2; decoder 0.0)
+    weight_decay: float = 0.0     # AdamW (paper: 6e-2 diffusion prior, 4e-2 AR prior, none for the image models)
+    decay_1d: bool = True         # decay the 1-D parameters too (biases, norm gains); paper: not stated, so at
+                                  # `paper` False (OpenAI's CLIP decays neither gains nor biases); True below (ours)
     betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0        # max gradient norm (0 = off)
+    eps: float = 1e-8             # Adam epsilon (paper: 1e-6 diffusion prior, 1e-10 AR prior, 1e-8 the others)
+    grad_clip: float = 1.0        # max gradient norm, 0 = off; paper: none stated (ADM and GLIDE's code do not
+                                  # clip), so 0 at `paper`; 1.0 below (ours, not measured)
     ema_decay: float = 0.999      # max EMA decay; warm-up min(decay, (1+n)/(10+n)) (paper: 0.9999)
     ckpt_every: int = 500         # checkpoint every this many steps (and at the end)
     log_every: int = 10           # history / progress-bar refresh period
     precision: str = "fp32"       # 'fp32' | 'bf16' (autocast; used on CUDA only)
+    parallel: str = "ddp"         # under torchrun: 'ddp' (a replica per rank) | 'fsdp' (fully_shard: weights,
+                                  # gradients, optimizer state and EMA sharded; the paper's >= 1B models)
 
     def __post_init__(self):
         check_positive(self, "steps", "batch_size", "ckpt_every", "log_every")
@@ -60,6 +74,9 @@ class TrainConfig(PresetConfig):
         check_choice(self, "lr_schedule", ("constant", "cosine"))
         check_range(self, "weight_decay", 0)
         check_range(self, "grad_clip", 0)
+        check_range(self, "eps", 0, low_open=True)
+        check_choice(self, "decay_1d", (True, False))
+        check_choice(self, "parallel", ("ddp", "fsdp"))
         check_range(self, "ema_decay", 0, 1)
         check_choice(self, "precision", ("fp32", "bf16"))
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), self, "betas",
@@ -76,7 +93,7 @@ class TrainConfig(PresetConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# devices, distributed
+# devices (the process group: distributed.py)
 # ---------------------------------------------------------------------------------------------
 
 def resolve_device(device=None) -> torch.device:
@@ -96,27 +113,6 @@ def resolve_device(device=None) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise DeviceError(f"device {device!r} is not supported: use 'auto', 'cpu' or 'cuda'")
     return dev
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) outside torchrun."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> torch.device | None:
-    """Under torchrun (WORLD_SIZE > 1), join the process group and return this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +217,12 @@ def seed_everything(seed: int):
 # ---------------------------------------------------------------------------------------------
 
 def load_checkpoint(path, *, stage: str | None = None, config: dict | None = None,
-                    fix: str = "train the stage again") -> dict:
+                    fix: str = "train the stage again", mmap: bool = False) -> dict:
     """Read a training checkpoint written by `Trainer`, refusing foreign or mismatched ones.
 
     `config` (a dict) must equal the one stored, except for `train.steps` (training may be extended).
     """
-    ckpt = safe_torch_load(path, what="checkpoint", fix=fix)
+    ckpt = safe_torch_load(path, what="checkpoint", fix=fix, mmap=mmap)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an unclip_mini training checkpoint (no "
                               f"{CHECKPOINT_FORMAT!r} marker): pass a checkpoint this library wrote")
@@ -265,7 +261,9 @@ class Trainer:
 
     Args:
         model: the module to train (moved to `device`).
-        loss_fn: `loss_fn(model, batch, generator) -> (loss scalar, logs dict of floats)`.
+        loss_fn: `loss_fn(model, batch, generator) -> (loss scalar, logs dict of floats)`; `model` may be a
+            DDP wrapper, so the loss must call its forward; per-example draws go through `distributed.rand`,
+            `randn`, `randint` with `generator` (a `distributed.BatchGenerator`).
         get_batch: `get_batch(indices [b] LongTensor) -> batch` (anything `loss_fn` understands),
             already on `device` or moved by `loss_fn`.
         dataset_size: number of training examples the indices range over.
@@ -275,14 +273,13 @@ class Trainer:
         config: the stage's whole config as a dict (stored; a checkpoint made with another refuses).
         requires: ids of the artifacts this stage was trained from (e.g. the CLIP it used).
         seed: seeds model init beforehand (caller), the data order and the loop's generator.
-        parameters: optional subset of parameters to optimise (default: all that require grad).
     """
 
     def __init__(self, model, loss_fn, get_batch, dataset_size, cfg: TrainConfig, ckpt_path, *,
                  stage: str, config: dict, requires: dict | None = None, seed: int = 0,
                  device=None, progress: bool = True, on_checkpoint=None):
         self.cfg, self.stage, self.config, self.requires = cfg, stage, config, dict(requires or {})
-        self.ckpt_path = ckpt_path
+        self.ckpt_path, self.seed = ckpt_path, seed
         self.device = resolve_device(device)
         self.rank, self.world = dist_info()
         if cfg.batch_size % self.world:
@@ -291,15 +288,22 @@ class Trainer:
         self.model = model.to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.train_model = self.model
-        if self.world > 1:
+        self.sharded = self.world > 1 and cfg.parallel == "fsdp"
+        if self.sharded:  # in place: the model's (and the EMA's) parameters become this rank's shards
+            bf16 = cfg.precision == "bf16" and self.device.type == "cuda"
+            distributed.shard(self.model, bf16)
+            distributed.shard(self.ema.model)
+        elif self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                           weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_at)
         self.loss_fn, self.get_batch = loss_fn, get_batch
         self.sampler = EpochSampler(dataset_size, cfg.batch_size, seed)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed * 7919 + self.rank)
+        local = cfg.batch_size // self.world  # this rank's rows of every global batch
+        self.generator = BatchGenerator(self.device, cfg.batch_size, slice(self.rank * local, (self.rank + 1) * local))
+        self.generator.manual_seed(seed * 7919)  # the same on every rank (distributed.py)
         self.step = 0
         self.history = {"step": [], "loss": [], "lr": [], "seconds": []}
         self.progress = progress and self.rank == 0
@@ -309,46 +313,95 @@ class Trainer:
         if os.path.exists(ckpt_path):
             self._resume()
         else:  # a fresh run: every RNG the loop touches starts from `seed` (same seed, same run)
-            seed_everything(seed * 7919 + self.rank)
+            seed_everything(seed * 7919 + self.rank)  # per rank: model dropout differs between ranks
+
+    def _param_groups(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cfg.decay_1d or self.cfg.weight_decay == 0:
+            return params
+        return [{"params": [p for p in params if p.ndim >= 2]},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
     # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self, rng_ranks: list | None = None) -> dict:
+        """The checkpoint. Under FSDP a collective (every rank calls it; rank 0 gets the whole state)."""
+        if self.sharded:
+            model, ema = distributed.full_state_dict(self.model), distributed.full_state_dict(self.ema.model)
+            optimizer = distributed.full_optimizer_state_dict(self.model, self.optimizer)
+        else:
+            model, ema, optimizer = self.model.state_dict(), self.ema.model.state_dict(), self.optimizer.state_dict()
+        rng_ranks = rng_ranks or [get_rng_state(self.generator)]
         return {
             "format": CHECKPOINT_FORMAT,
             "meta": make_meta(self.stage, self.config, self.requires),
             "step": self.step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "ema": ema,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": get_rng_state(self.generator),
+            "rng": rng_ranks[0],
+            "rng_ranks": rng_ranks,           # every rank's states, in rank order (resume restores its own)
+            "world": self.world, "sharded": self.sharded,
             "history": self.history,
         }
 
     def save(self):
-        if self.rank == 0:
-            atomic_torch_save(self.state_dict(), self.ckpt_path)
-            self.last_good = self.step
+        """Write the checkpoint (rank 0; the others wait). Every rank calls it at the same step."""
+        state = self.state_dict(distributed.all_gather_object(get_rng_state(self.generator)))
+
+        def write():
+            atomic_torch_save(state, self.ckpt_path)
             if self.on_checkpoint:
                 self.on_checkpoint(self.step)
+        on_rank0(write)
+        self.last_good = self.step
 
     def _resume(self):
         ckpt = load_checkpoint(self.ckpt_path, stage=self.stage, config=self.config,
-                               fix=f"delete {self.ckpt_path} to train from scratch")
+                               fix=f"delete {self.ckpt_path} to train from scratch", mmap=self.sharded)
         have = ckpt["meta"].get("requires", {})
         for k, v in self.requires.items():
             if have.get(k) != v:
                 raise CheckpointError(f"{self.ckpt_path} was trained from {k} {have.get(k)!r}, but the "
                                       f"current {k} is {v!r}: delete {self.ckpt_path} to retrain on it")
-        self.model.load_state_dict(ckpt["model"])
-        self.ema.model.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if bool(ckpt.get("sharded", False)) != self.sharded:
+            how = lambda s: "sharded (FSDP on several processes)" if s else "unsharded (one process, or DDP)"
+            raise CheckpointError(f"{self.ckpt_path} was written by a {how(ckpt.get('sharded', False))} run, but "
+                                  f"this run is {how(self.sharded)}: resume it the way it was trained "
+                                  f"(train.parallel and the number of processes), or delete it to retrain")
+        if self.sharded:
+            distributed.load_full_state_dict(self.model, ckpt["model"], self.optimizer, ckpt["optimizer"])
+            distributed.load_full_state_dict(self.ema.model, ckpt["ema"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.ema.model.load_state_dict(ckpt["ema"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.sampler.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"], self.generator)
         self.history = ckpt["history"]
         self.step = self.last_good = self.resumed_from = int(ckpt["step"])
+        ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        if len(ranks) == self.world:  # each rank its own streams: exact
+            set_rng_state(ranks[self.rank], self.generator)
+        else:  # another number of processes: the shared generator (and the data order) continue exactly;
+            set_rng_state(ranks[0], self.generator)  # the per-rank streams (model dropout) start afresh
+            if self.rank > 0:
+                seed_everything(self.seed * 7919 + self.rank + 104_729 * self.step)
+
+    def check_replicas(self):
+        """Under DDP, refuse ranks whose weights differ (gradients that were not averaged): a sum per parameter."""
+        if self.world == 1 or self.sharded:
+            return
+        mine = [float(p.detach().double().sum()) for p in self.model.parameters()]
+        every = distributed.all_gather_object(mine)
+        names = [n for n, _ in self.model.named_parameters()]
+        for r, theirs in enumerate(every):
+            bad = [names[i] for i, (a, b) in enumerate(zip(every[0], theirs)) if a != b]
+            if bad:
+                raise DistributedError(f"{self.stage}: after step {self.step} rank {r}'s weights differ from rank 0's "
+                                       f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): its loss does not "
+                                       f"call the DDP wrapper's forward, so its gradients were not averaged")
 
     # -- training ----------------------------------------------------------------------------
     def _autocast(self):
@@ -372,10 +425,11 @@ class Trainer:
             batch = self.get_batch(idx)
             with self._autocast():
                 loss, logs = self.loss_fn(self.train_model, batch, self.generator)
-            if not torch.isfinite(loss.detach()):
+            mean = distributed.all_mean(loss)  # the global batch's loss: every rank stops together on NaN
+            if not torch.isfinite(mean):
                 where = (f"the last good checkpoint is {self.ckpt_path} (step {self.last_good})"
                          if self.last_good is not None else "no checkpoint was written yet")
-                raise TrainingDiverged(f"{self.stage}: the loss is {loss.item()} at step {self.step + 1}; "
+                raise TrainingDiverged(f"{self.stage}: the loss is {mean.item()} at step {self.step + 1}; "
                                        f"{where}. Lower the learning rate (train.lr = {cfg.lr}) or "
                                        f"check the inputs for NaN, then resume or retrain")
             self.optimizer.zero_grad(set_to_none=True)
@@ -386,7 +440,7 @@ class Trainer:
             self.scheduler.step()
             self.ema.update(self.model, self.step)
             self.step += 1
-            running += loss.item()
+            running += mean.item()
             count += 1
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.history["step"].append(self.step)
@@ -399,7 +453,18 @@ class Trainer:
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
+        self.check_replicas()
         return self.history
+
+    def ema_network(self, build) -> torch.nn.Module:
+        """The trained network with the EMA weights, whole on every rank (`build()` makes an empty one when the
+        EMA is sharded: it is filled from the checkpoint rank 0 has just written)."""
+        if not self.sharded:
+            return self.ema.model
+        distributed.barrier()
+        network = build().to(self.device)
+        network.load_state_dict(load_checkpoint(self.ckpt_path, mmap=True)["ema"])
+        return network.eval().requires_grad_(False)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .errors import ConfigError, DataError
@@ -76,8 +77,9 @@ class Transformer(nn.Module):
     """Pre-LN transformer with a final LayerNorm: x [B, L, width] -> [B, L, width]."""
 
     def __init__(self, width: int, layers: int, heads: int, *, causal: bool = True, dropout: float = 0.0,
-                 mlp_ratio: int = 4):
+                 mlp_ratio: int = 4, checkpoint: bool = False):
         super().__init__()
+        self.checkpoint = checkpoint  # training recomputes each block in the backward pass (activation memory / L)
         if width % heads:
             raise ConfigError(f"Transformer width {width} is not divisible by heads {heads}: "
                               f"use a width that is a multiple of {heads}, or change heads")
@@ -131,8 +133,12 @@ class Transformer(nn.Module):
             empty = ~allowed.any(dim=-1, keepdim=True)                    # [B, l, 1] rows with no key
             mask = (allowed | empty)[:, None]                             # [B, 1, l, S]; empty rows: no NaN
             empty = empty if bool(empty.any()) else None
+        recompute = self.checkpoint and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, is_causal, empty, cache, i)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, is_causal, empty, None, i, use_reentrant=False)
+            else:
+                x = block(x, mask, is_causal, empty, cache, i)
         if cache is not None:
             cache.length += l
         return self.ln_f(x)

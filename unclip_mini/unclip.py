@@ -19,7 +19,6 @@ z_i towards the difference of two captions' z_t, §3.3).
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 import warnings
