@@ -13,7 +13,7 @@ import os
 import torch
 
 from .errors import ConfigError
-from .stages import Run
+from .stages import Run, display_path
 
 ENV = {"preset": "UNCLIP_PRESET", "run_dir": "UNCLIP_RUN_DIR", "device": "UNCLIP_DEVICE"}
 
@@ -46,7 +46,7 @@ def setup(preset=None, device=None, run_dir=None, seed=0, steps=None, interactiv
     run_dir = run_dir or os.environ.get(ENV["run_dir"]) or None
     run = Run(preset, run_dir=run_dir, device=device, seed=seed)
     run.tag = tag
-    print(f"preset {run.preset} | device {run.device} | run folder {run.folder.root} | "
+    print(f"preset {run.preset} | device {run.device} | run folder {display_path(run.folder.root)} | "
           f"torch {torch.__version__} | {torch.get_num_threads()} CPU threads")
     return run
 

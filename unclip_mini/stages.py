@@ -140,6 +140,16 @@ def default_run_dir(preset: str) -> Path:
     return REPO_ROOT / "runs" / preset
 
 
+def display_path(path) -> str:
+    """`path` as messages print it: relative to the repository root when it lies inside (so the outputs a
+    notebook stores do not hold the absolute paths of the machine that ran it), else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 class Run:
     """One preset's config, run folder and device: what every stage and notebook works in."""
 
@@ -449,7 +459,7 @@ def load_or_train(run: Run, name: str, steps: int | None = None, verbose: bool =
     if read_record(run, folder) is not None:
         obj = load_stage(run, name, config=config, variant=variant)
         if verbose:
-            print(f"[{folder}] loaded from {run.folder.root / folder} (id {obj.record['id']})")
+            print(f"[{folder}] loaded from {display_path(run.folder.root / folder)} (id {obj.record['id']})")
         return obj
     for dep in spec.needs:
         if read_record(run, dep) is None:
@@ -458,7 +468,7 @@ def load_or_train(run: Run, name: str, steps: int | None = None, verbose: bool =
         if read_record(run, folder) is not None:  # another process trained it while this one waited
             return load_or_train(run, name, verbose=verbose, config=config, variant=variant)
         if verbose:
-            print(f"[{folder}] not trained yet in {run.folder.root / folder}: training it now through the library "
+            print(f"[{folder}] not trained yet in {display_path(run.folder.root / folder)}: training it now through the library "
                   f"(notebook {spec.notebook} explains this stage)")
         return train_stage(run, name, steps=steps, config=config, variant=variant)
 
@@ -476,7 +486,7 @@ def training_lock(run: Run, folder: str, verbose: bool = True):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if verbose:
-                print(f"[{folder}] another process is training it in {run.folder.root}: waiting for it", flush=True)
+                print(f"[{folder}] another process is training it in {display_path(run.folder.root)}: waiting for it", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
