@@ -91,6 +91,34 @@ def test_ssim_properties():
         metrics.psnr(x, x[:1])
 
 
+def test_high_frequency_band_outside_the_inputs_nyquist():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    low = torch.nn.functional.avg_pool2d(truth, 4)                                  # an 8-px input
+    m = metrics.high_frequency(truth, truth, 8)
+    assert m["hf_ratio"] == pytest.approx(1.0) and m["hf_corr"] == pytest.approx(1.0)
+    # a pure interpolation of the input is near empty in the band (bilinear leaks a little above Nyquist)
+    up = torch.nn.functional.interpolate(low, size=32, mode="bilinear", align_corners=False)
+    assert metrics.high_frequency(up, truth, 8)["hf_ratio"] < 0.1
+    # a frequency below the input's Nyquist (8 / 2 = 4 cycles per frame) is outside the band: no energy
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    wave = lambda k: torch.cos(2 * math.pi * k * xx / 32).expand(1, 3, 32, 32)
+    assert metrics.high_frequency(up[:1] * 0 + wave(3), truth[:1], 8)["hf_ratio"] == pytest.approx(0.0, abs=1e-9)
+    # twice the truth's detail: ratio 4 (energy), correlation still 1; the detail negated: correlation -1
+    assert metrics.high_frequency(2 * truth, truth, 8)["hf_ratio"] == pytest.approx(4.0)
+    assert metrics.high_frequency(2 * truth, truth, 8)["hf_corr"] == pytest.approx(1.0)
+    hf = wave(9)
+    assert metrics.high_frequency(-hf, hf, 8)["hf_corr"] == pytest.approx(-1.0)
+    # independent noise has the energy but not the place
+    noise = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    m = metrics.high_frequency(noise, truth, 8)
+    assert 0.5 < m["hf_ratio"] < 2 and abs(m["hf_corr"]) < 0.1
+    with pytest.raises(DataError, match="low_res_side"):
+        metrics.high_frequency(truth, truth, 32)
+    with pytest.raises(DataError, match="no energy above"):
+        metrics.high_frequency(truth[:1], wave(2), 8)
+
+
 # ---- the attribute checker ---------------------------------------------------------------------
 
 

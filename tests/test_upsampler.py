@@ -57,9 +57,11 @@ def test_training_pairs_are_avgpooled_crops_then_corrupted():
         # the low-res window is exactly a window of the whole low-res image
         torch.testing.assert_close(pair["low_res"][i], low_full[i, :, top // 4:(top + c) // 4,
                                                                  left // 4:(left + c) // 4])
-    blur = up.training_pairs(world, scenes, up.UpsamplerConfig.stage1("smoke"), 64, gen(0))
+    blur_cfg = up.UpsamplerConfig.stage1("smoke")
+    blur = up.training_pairs(world, scenes, blur_cfg, 64, gen(0))
     torch.testing.assert_close(blur["high_res"], pair["high_res"])        # same generator, same crops
-    torch.testing.assert_close(blur["cond"], degradations.gaussian_blur(blur["low_res"], 3, 0.6))
+    torch.testing.assert_close(blur["cond"], degradations.gaussian_blur(blur["low_res"], 3, blur_cfg.blur_sigma))
+    assert blur_cfg.blur_sigma == 0.4 and up.UpsamplerConfig.stage1("paper").blur_sigma == 0.6   # paper: 0.6
     focus = up.training_pairs(world, world.scenes(range(8)), clean.replace(crop_focus=1.0), 64, gen(0))
     for scene, (top, left, size) in zip(world.scenes(range(8)), focus["crops"]):
         if len(scene.objects) == 1:   # the window holds the object's centre
@@ -94,7 +96,8 @@ def test_config_errors_name_the_fix():
         for c in (up.UpsamplerConfig.stage1(preset), up.UpsamplerConfig.stage2(preset)):
             assert up.UpsamplerConfig.from_dict(c.to_dict()) == c
     assert up.UpsamplerConfig.stage2("paper").diffusion.schedule == "linear"
-    assert up.UpsamplerConfig.stage1("paper").sample_steps == 27 and up.UpsamplerConfig.stage2("toy").sample_steps == 15
+    assert up.UpsamplerConfig.stage1("paper").sample_steps == 27 and up.UpsamplerConfig.stage2("small").sample_steps == 15 \
+        and up.UpsamplerConfig.stage2("toy").sample_steps == 5
 
 
 def test_untrained_upsampler_returns_the_bilinear_upsample_and_checks_inputs():

@@ -6,6 +6,8 @@ checker, `checker.py`, that reads each sample's ground truth):
   features (a toy world has no Inception, but it has a CLIP).
 - `clip_score`: mean cosine similarity between each caption's z_t and its sample's z_i (GLIDE §4, x100).
 - `psnr`, `ssim` (Wang et al. 2004, 11x11 Gaussian window, sigma 1.5): for the upsamplers.
+- `high_frequency`: the detail an upsampler adds beyond what its input can hold (the spectrum outside the
+  low-resolution image's Nyquist square): its energy against the truth's, and its correlation with the truth's.
 
 Embeddings (the priors' outputs, scored the same way for both priors):
 - `embedding_metrics`: cos(ẑ_i, z_i), cos(ẑ_i, z_t), and whether the nearest true z_i is the right one.
@@ -107,6 +109,35 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float | None = None, wind
     c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     return s.flatten(1).mean(1).float()
+
+
+def high_frequency(out: torch.Tensor, truth: torch.Tensor, low_res_side: int) -> dict:
+    """How much of the truth's fine detail an upsampled batch has, in the band its input cannot hold.
+
+    out, truth: images [B, C, H, W] of one size; low_res_side: the side (px) of the upsampler's input. The band is
+    every 2-D frequency with max(|k_x|, |k_y|) above the input's Nyquist frequency (low_res_side / 2 cycles per
+    frame): exactly what a low_res_side-px image cannot represent, so interpolation puts almost nothing there.
+    Returns, summed over the batch and the channels:
+    - `hf_ratio`: energy of `out` in the band / energy of `truth` there (1: as much detail as the truth;
+      ~0: interpolation; > 1: over-sharpened or noisy). Energy ignores where the detail is.
+    - `hf_corr`: Re<F_out, F_truth> / sqrt(E_out E_truth) over the band, the correlation of the two high-passed
+      images (1: the right detail in the right place; ~0: noise or detail out of phase).
+    """
+    a, b, _ = _pair(out, truth, None)
+    h, w = b.shape[-2:]
+    if not isinstance(low_res_side, int) or not 2 <= low_res_side < min(h, w):
+        raise DataError(f"low_res_side = {low_res_side!r} must be an int in 2..{min(h, w) - 1} (the side of the "
+                        f"upsampler's input, smaller than the {h}x{w} images)")
+    fa = torch.fft.fft2(a - a.mean((-2, -1), keepdim=True))
+    fb = torch.fft.fft2(b - b.mean((-2, -1), keepdim=True))
+    ky = torch.fft.fftfreq(h, d=1 / h).abs()[:, None].to(a.device)
+    kx = torch.fft.fftfreq(w, d=1 / w).abs()[None, :].to(a.device)
+    band = torch.maximum(ky, kx) > low_res_side / 2
+    e_a, e_b = fa.abs().pow(2)[..., band].sum(), fb.abs().pow(2)[..., band].sum()
+    if e_b <= 1e-12 * fb.abs().pow(2).sum():  # (rounding leaves ~1e-30 of the energy anywhere)
+        raise DataError("the truth has no energy above the input's Nyquist frequency: nothing to compare")
+    cross = (fa * fb.conj()).real[..., band].sum()
+    return {"hf_ratio": float(e_a / e_b), "hf_corr": float(cross / (e_a * e_b).sqrt().clamp(min=1e-30))}
 
 
 # ---------------------------------------------------------------------------------------------
