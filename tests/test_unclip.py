@@ -142,10 +142,14 @@ def test_encode_and_variations(pipe):
     x = pipe.generate(CAPTIONS, seed=3, decoder_steps=4, size=16).images[16]
     z, x_t = pipe.encode(x, steps=4)
     assert z.shape == (2, 16) and x_t.shape == x.shape
+    # the inversion is unguided by default (latent_guidance), whatever scale the decoder samples with
+    assert pipe.latent_guidance == 1.0 and pipe.decoder.cfg.guidance_scale != 1.0
+    torch.testing.assert_close(x_t, pipe.decoder.invert(x, z, steps=4, guidance_scale=1.0))
+    assert not torch.allclose(x_t, pipe.decoder.invert(x, z, steps=4))         # the decoder's own scale differs
     v0 = pipe.variations(latents=(z, x_t), eta=0.0, n=2, steps=4)
     assert v0.shape == (2, 2, 3, 16, 16)
     assert torch.equal(v0[:, 0], v0[:, 1])                                    # eta = 0: deterministic
-    torch.testing.assert_close(v0[:, 0], pipe.decoder.sample(image_embed=z, noise=x_t, steps=4))
+    torch.testing.assert_close(v0[:, 0], pipe.decoder.sample(image_embed=z, noise=x_t, steps=4, guidance_scale=1.0))
     v1 = pipe.variations(latents=(z, x_t), eta=1.0, n=2, steps=4, seed=0)
     assert not torch.equal(v1[:, 0], v1[:, 1])                                # eta > 0: they vary
     assert torch.equal(v1, pipe.variations(latents=(z, x_t), eta=1.0, n=2, steps=4, seed=0))
@@ -161,14 +165,15 @@ def test_interpolate_and_text_diff(pipe):
     assert rows.shape == (3, 3, 16, 16) and zs.shape == (3, 16)
     z, x_t = pipe.encode(x, steps=4)
     torch.testing.assert_close(zs[0], z[0])
-    torch.testing.assert_close(rows[0], pipe.decoder.sample(image_embed=z[:1], noise=x_t[:1], steps=4)[0])
+    torch.testing.assert_close(rows[0], pipe.decoder.sample(image_embed=z[:1], noise=x_t[:1], steps=4,
+                                                            guidance_scale=1.0)[0])
     fixed, _ = pipe.interpolate(x[0], x[1], [0.0, 1.0], noise="fixed", steps=4)
     assert not torch.equal(fixed[0], rows[0])                                 # a random x_T, not the inversion
     with pytest.raises(ConfigError, match="'fixed'"):
         pipe.interpolate(x[0], x[1], [0.5], noise="mean")
     edits = pipe.text_diff(x, "a red circle", "a blue circle", [0.0, 0.3], steps=4)
     assert edits.shape == (2, 2, 3, 16, 16)
-    torch.testing.assert_close(edits[0], pipe.decoder.sample(image_embed=z, noise=x_t, steps=4))
+    torch.testing.assert_close(edits[0], pipe.decoder.sample(image_embed=z, noise=x_t, steps=4, guidance_scale=1.0))
     assert not torch.equal(edits[1], edits[0])
     with pytest.raises(DataError, match="same CLIP text embedding"):
         pipe.text_diff(x, "a red circle", "a red circle", [0.3], steps=4)

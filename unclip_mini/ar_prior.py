@@ -89,10 +89,11 @@ class ARPriorConfig(PresetConfig):
 
     @classmethod
     def toy(cls):
-        # the toy diffusion prior's size and training time (README, measurements). Sampling: at toy size the
-        # codes drawn at temperature 1 scatter z_i (held-out cos 0.875, below z_t's 0.914), so the toy draws
-        # the most likely code (temperature 0), and the dot token from its whole training range (percentile 0:
-        # the marginal top half ignores the caption and pushed the codes off this caption's images)
+        # the toy diffusion prior's size and training time (README, measurements). Sampling: at toy size codes
+        # drawn at temperature 1 scatter z_i further from the truth than z_t itself is, so the toy draws the
+        # most likely code (temperature 0) and the dot token from its whole training range (percentile 0: the
+        # marginal top half ignores the caption and pushed the codes off this caption's images); the
+        # measurements are in the README's table
         return cls(temperature=0.0, dot_percentile=0.0)
 
     @classmethod

@@ -70,6 +70,21 @@ def save_figure(run: Run, fig, name: str) -> None:
     on_rank0(fig.savefig, run.folder.figure_path(f"{_tagged(run, name)}.png"), dpi=100, bbox_inches="tight")
 
 
+def show_jpeg(fig, quality: int = 85, dpi: int = 100) -> None:
+    """Show a figure inline as a JPEG instead of a PNG, and close it. For figures of many rendered images (the
+    512-px galleries): a PNG of them is ~1 MB in the committed notebook, a JPEG a fifth of that at no visible loss;
+    `save_figure` still writes the PNG into the run folder."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="jpeg", dpi=dpi, bbox_inches="tight", pil_kwargs={"quality": quality})
+    plt.close(fig)
+    display(Image(data=buf.getvalue(), format="jpeg"))
+
+
 def _tagged(run: Run, name: str) -> str:
     tag = getattr(run, "tag", None)
     return f"{name}@{tag}" if tag else name

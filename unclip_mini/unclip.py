@@ -255,6 +255,15 @@ class UnCLIP:
                           text["text_embed"].cpu(), conditioning, prior if conditioning == "prior" else None, seconds)
 
     # -- the bipartite latent (z_i, x_T) and the manipulations of §3 -----------------------------------
+    # The guidance scale of the inversion and of the decodings that start from an inverted x_T, when none is given:
+    # 1 (unguided). DDIM inversion retraces the sampling ODE, and the guided model is not the score of any one
+    # density, so its inversion drifts: at toy the guided round trip comes back much further from the image than
+    # the unguided one (notebook 09 measures both).
+    latent_guidance = 1.0
+
+    def _latent_guidance(self, guidance_scale):
+        return self.latent_guidance if guidance_scale is None else guidance_scale
+
     def _base_images(self, images) -> torch.Tensor:
         if not torch.is_tensor(images) or images.ndim not in (3, 4) or images.shape[-3] != 3:
             shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
@@ -277,11 +286,12 @@ class UnCLIP:
         """The bipartite latent of base-resolution images `[B, 3, H, W]`: (z_i `[B, D]`, x_T `[B, 3, H, W]`).
 
         z_i is CLIP's image embedding; x_T the DDIM inversion of the decoder conditioned on z_i (and on the
-        captions, if given; default: the empty caption), with the decoder's guidance scale unless one is given.
+        captions, if given; default: the empty caption), unguided (`latent_guidance`) unless a scale is given.
         """
         x = self._base_images(images)
         z = self.clip.encode_image(x)
-        x_t = self.decoder.invert(x, z, self._tokens(captions, len(x)), steps=steps, guidance_scale=guidance_scale)
+        x_t = self.decoder.invert(x, z, self._tokens(captions, len(x)), steps=steps,
+                                  guidance_scale=self._latent_guidance(guidance_scale))
         return z, x_t
 
     @torch.no_grad()
@@ -291,7 +301,9 @@ class UnCLIP:
 
         eta = 0 reconstructs the image (deterministic); larger eta injects fresh noise at every step, so the
         details vary while z_i keeps what CLIP sees. `latents` = (z_i, x_T) from `encode` skips the inversion.
+        Use the same guidance scale as the inversion (default for both: `latent_guidance`).
         """
+        guidance_scale = self._latent_guidance(guidance_scale)
         if not 0.0 <= float(eta) <= 1.0:
             raise ConfigError(f"eta = {eta!r} must be in [0, 1] (0: reconstruct, 1: DDPM-like)")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -311,6 +323,7 @@ class UnCLIP:
 
         noise='fixed': one random x_T for the whole row (the paper's Figure 4: the ends need not reproduce a
         and b); 'slerp': x_T slerped between the DDIM inversions of a and b, so the ends reconstruct them.
+        Guidance (None): the decoder's own scale for 'fixed' (a fresh sample), `latent_guidance` for 'slerp'.
         """
         if noise not in ("fixed", "slerp"):
             raise ConfigError(f"noise = {noise!r}; valid: 'fixed' (one random x_T) or 'slerp' (between inversions)")
@@ -319,6 +332,7 @@ class UnCLIP:
             raise ConfigError("thetas must be one or more values in [0, 1] (0: image a, 1: image b)")
         pair = torch.cat([self._base_images(a), self._base_images(b)])
         if noise == "slerp":
+            guidance_scale = self._latent_guidance(guidance_scale)
             z, x_t = self.encode(pair, steps=steps, guidance_scale=guidance_scale)
             x_ts = slerp(x_t[0].flatten(), x_t[1].flatten(), thetas).reshape(len(thetas), *x_t.shape[1:])
         else:
@@ -335,7 +349,8 @@ class UnCLIP:
                   latents=None):
         """Edit images towards a caption (§3.3): z_d = norm(z_t(new) - z_t(now)); decode slerp(z_i, z_d, theta)
         with each image's own x_T fixed. The captions are one string each, or one per image. Returns images
-        `[T, B, 3, H, W]` (theta 0: the reconstruction)."""
+        `[T, B, 3, H, W]` (theta 0: the reconstruction). Guidance (None): `latent_guidance`, as the inversion."""
+        guidance_scale = self._latent_guidance(guidance_scale)
         thetas = torch.as_tensor(thetas, dtype=torch.float64).flatten()
         if thetas.numel() == 0 or bool(((thetas < 0) | (thetas > 1)).any()):
             raise ConfigError("thetas must be one or more values in [0, 1] (the paper: up to 0.25 .. 0.5)")

@@ -179,8 +179,8 @@ class UNetConfig(PresetConfig):
         }
         size, width, mult, depth, dropout, unshuffle = sizes[stage, preset]
         # GroupNorm pools statistics over the whole feature map, so a model trained on quarter-size crops
-        # computes something else on the whole image (measured at toy: 24.9 dB whole vs 26.7 dB on tiles of
-        # the same model); PixelNorm pools nothing over space. The paper preset keeps ADM's GroupNorm.
+        # computes something else on the whole image (the README's measurements table); PixelNorm pools
+        # nothing over space. The paper preset keeps ADM's GroupNorm.
         return cls(image_size=size, model_channels=width, channel_mult=mult, num_res_blocks=depth,
                    dropout=dropout, pixel_unshuffle=unshuffle, use_checkpoint=preset == "paper",
                    norm="group" if preset == "paper" else "pixel", **common)

@@ -154,7 +154,7 @@ class UpsamplerConfig(PresetConfig):
         return cls(stage=stage, unet=unet, diffusion=_diffusion(stage, preset),
                    degradation="blur" if stage == 1 else "bsr",
                    # toy: x0 + cond_skip is nearly a deterministic regression, so 10 / 5 DDIM steps score
-                   # as 27 / 15 do (measured at toy) at a third of the time
+                   # as 27 / 15 do (README, measurements) at a third of the time
                    sample_steps={"smoke": 3, "toy": 10 if stage == 1 else 5}.get(preset, 27 if stage == 1 else 15),
                    # toy: sigma 0.6 px at our 32-px base is twice the paper's relative blur (0.6 px at 64 px)
                    blur_sigma=0.4 if preset in ("smoke", "toy") else 0.6,
