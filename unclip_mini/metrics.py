@@ -133,8 +133,9 @@ def high_frequency(out: torch.Tensor, truth: torch.Tensor, low_res_side: int) ->
     ky = torch.fft.fftfreq(h, d=1 / h).abs()[:, None].to(a.device)
     kx = torch.fft.fftfreq(w, d=1 / w).abs()[None, :].to(a.device)
     band = torch.maximum(ky, kx) > low_res_side / 2
-    e_a, e_b = fa.abs().pow(2)[..., band].sum(), fb.abs().pow(2)[..., band].sum()
-    if e_b <= 1e-12 * fb.abs().pow(2).sum():  # (rounding leaves ~1e-30 of the energy anywhere)
+    power_b = fb.abs().pow(2)
+    e_a, e_b = fa.abs().pow(2)[..., band].sum(), power_b[..., band].sum()
+    if e_b <= 1e-12 * power_b.sum():  # (rounding leaves ~1e-30 of the energy anywhere)
         raise DataError("the truth has no energy above the input's Nyquist frequency: nothing to compare")
     cross = (fa * fb.conj()).real[..., band].sum()
     return {"hf_ratio": float(e_a / e_b), "hf_corr": float(cross / (e_a * e_b).sqrt().clamp(min=1e-30))}
