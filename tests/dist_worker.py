@@ -116,6 +116,13 @@ def fsdp_vs_ddp(run_dir, out, steps=4):
         torch.save(network.state_dict(), os.path.join(out, "fsdp_ema_network.pt"))
 
 
+def hard_negative_clip(run_dir):
+    """The smoke CLIP with hard negatives (off in every preset): its loss gathers every rank's negatives."""
+    run = stages.Run("smoke", run_dir=run_dir, device=train.init_distributed() or "cpu")
+    stages.load_or_train(run, "clip", steps=STEPS, config=run.cfg.clip.replace(hard_negatives=0.375),
+                         variant="hardneg", verbose=False)
+
+
 def dropout_decoder(run_dir):
     run = stages.Run("smoke", run_dir=run_dir, device=train.init_distributed() or "cpu")
     stages.load_or_train(run, "decoder", config=dropout_config(run), variant="dropout", verbose=False)
@@ -132,6 +139,7 @@ if __name__ == "__main__":
             rc = main(["train", stage, "--preset", "smoke", "--run-dir", run_dir, "--device", "cpu",
                        "--steps", str(STEPS)])
             assert rc == 0, f"train {stage} failed"
+        hard_negative_clip(run_dir)
         if world > 1:
             dropout_decoder(run_dir)
     elif mode == "dropout":

@@ -104,3 +104,73 @@ def test_stage_round_trip_and_cache_provenance(tmp_path):
     fresh = stages.Run("smoke", run_dir=tmp_path)
     with pytest.raises(ArtifactError, match="was made from clip .* but the current clip is"):
         fresh.embeddings("train")
+
+
+def test_hard_negative_loss_is_clip_loss_plus_each_images_own_negative():
+    g = torch.Generator().manual_seed(0)
+    img, txt = (F.normalize(torch.randn(6, 8, generator=g), dim=-1) for _ in range(2))
+    scale = torch.tensor(10.0)
+    ref = open_clip.ClipLoss()(img, txt, scale)
+    # with every slot empty it is CLIP's loss
+    empty = torch.full((3,), -1)
+    torch.testing.assert_close(clip_model.hard_negative_loss(img, txt, txt[:3], empty, scale), ref)
+    # images 4 and 1 get a negative that equals their own caption: one more logit equal to the right one
+    owner = torch.tensor([4, -1, 1])
+    neg = txt[owner.clamp(min=0)]
+    got = clip_model.hard_negative_loss(img, txt, neg, owner, scale)
+    logits = scale * img @ txt.T
+    extra = torch.full((6,), float("-inf"))
+    extra[[4, 1]] = logits.diag()[[4, 1]]
+    i2t = (torch.logsumexp(torch.cat([logits, extra[:, None]], 1), 1) - logits.diag()).mean()
+    torch.testing.assert_close(got, (i2t + F.cross_entropy(logits.T, torch.arange(6))) / 2)
+    assert got > ref
+    far = clip_model.hard_negative_loss(img, txt, -img[:2], torch.tensor([0, 1]), scale)
+    assert ref < far < ref + 1e-3          # a negative opposite its image costs almost nothing
+    neg = neg.clone().requires_grad_()
+    clip_model.hard_negative_loss(img, txt, neg, owner, scale).backward()
+    assert neg.grad[[0, 2]].abs().sum() > 0 and neg.grad[1].abs().sum() == 0   # an empty slot learns nothing
+
+
+def test_clip_batches_carry_hard_negatives_of_two_object_scenes(tmp_path):
+    run = stages.Run("smoke", run_dir=tmp_path, device="cpu")
+    spec, ctx = stages.get_stage("clip"), stages.StageContext(run, "clip", {})
+    assert run.cfg.clip.hard_negatives == 0          # off unless asked for
+    cfg = run.cfg.clip.replace(hard_negatives=0.375)
+    get_batch, n = spec.batches(cfg, {}, ctx)
+    scenes = run.dataset("train").scenes()
+    idx = torch.arange(cfg.train.batch_size)
+    images, tokens, neg, owner = get_batch(idx)
+    slots = -(-cfg.hard_negatives * cfg.train.batch_size // 1)
+    assert neg.shape == (slots, tokens.shape[1]) and owner.shape == (slots,)
+    live = owner[owner >= 0]
+    assert len(live) > 0 and len(set(live.tolist())) == len(live)
+    assert all(len(scenes[i].objects) == 2 for i in live.tolist())
+    assert not (neg[owner >= 0] == tokens[live]).all(1).any()          # each differs from its image's caption
+    assert tokens.shape[0] == cfg.train.batch_size and images.shape[0] == cfg.train.batch_size
+    assert len(spec.batches(run.cfg.clip, {}, ctx)[0](idx)) == 2
+
+
+def test_hard_negative_caption_swaps_one_binding_of_the_same_words():
+    from unclip_mini.data import ToyWorld, hard_negative_caption
+    world = ToyWorld()
+    allowed = set(world.train_pairs)
+    kinds = set()
+    for scene in world.scenes(range(300)):
+        for choice in (0.1, 0.5, 0.9):
+            neg = hard_negative_caption(scene, allowed, choice)
+            if len(scene.objects) == 1:
+                assert neg is None
+                continue
+            if neg is None:   # only a template that states no relation, when the swap is not allowed
+                assert " and " in scene.caption
+                continue
+            # the same words, bar the articles and which relation: a bag of words cannot tell them apart
+            bag = lambda c: sorted("REL" if w in ("left", "right", "above", "below") else w
+                                   for w in c.split() if w not in ("a", "an"))
+            assert neg != scene.caption and bag(neg) == bag(scene.caption)
+            for colour in world.cfg.colours:   # never a held-out (colour, shape) pair
+                for shape in world.cfg.shapes:
+                    if (colour, shape) not in allowed:
+                        assert f"{colour} {shape}" not in neg
+            kinds.add("relation" if neg.split()[:3] == scene.caption.split()[:3] else "swap")
+    assert kinds == {"relation", "swap"}

@@ -1,7 +1,7 @@
 """Training on 2 processes (torchrun, gloo, CPU) is training on one: every stage, at smoke.
 
 One 2-process job and one 1-process job train every stage through the CLI (`train STAGE --steps 4`) in two run
-folders (tests/dist_worker.py). Then:
+folders, plus a CLIP with hard negatives (tests/dist_worker.py). Then:
 
 - after training, the two ranks hold identical weights (gradients were averaged), and they equal the
   1-process run's on the same global batches, to float tolerance (the random draws of a step do not depend
@@ -91,7 +91,7 @@ def live_elements(one: list[dict], two: list[dict]) -> dict:
     return out
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", STAGES + ("clip-hardneg",))
 def test_ranks_agree_and_equal_one_process(jobs, stage):
     two, one = jobs / "out2", jobs / "out1"
     rank0, rank1, single = (load(p / f"{stage}.rank{r}.pt") for p, r in ((two, 0), (two, 1), (one, 0)))

@@ -6,7 +6,11 @@ loading code. Two ways to get a CLIP:
 - **Train one** (the `toy` and `small` presets): a tiny custom open_clip architecture (small ViT + small
   text transformer) is registered with `open_clip.add_model_config` and trained contrastively on the
   toy world. The result is exported as an open_clip `local-dir:` folder and loaded back through
-  `open_clip.create_model`, so the same path serves a CLIP someone else trained.
+  `open_clip.create_model`, so the same path serves a CLIP someone else trained. With `hard_negatives`
+  two-object captions also bring a copy with one binding swapped (colours, shapes or the relation) as a
+  negative of their image (`hard_negative_loss`). Without them the toy CLIP barely tells a relation from
+  its reverse; with them it does, but at toy the decoder and the text diffs came out worse, so it is off
+  there (the README's recipes table has the measurements).
 - **Name pretrained weights** (`ClipConfig.paper()`): an open_clip architecture and a pretrained tag or
   a local weights file, used frozen. Tags need the network once; offline they fail with a clear error.
 
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from .progress import tqdm
 
 from .artifacts import atomic_torch_save, atomic_write_json
-from .config import PresetConfig, check, check_positive
+from .config import PresetConfig, check, check_positive, check_range
 from .errors import CaptionTooLong, CheckpointError, ConfigError, DataError
 from .train import StageSpec, TrainConfig
 
@@ -53,11 +57,14 @@ class ClipConfig(PresetConfig):
     text_layers: int = 3            # (paper: 24)
     text_heads: int = 4             # (paper: 16)
     context_length: int = 24        # max caption tokens incl. start/end (paper: 77)
+    hard_negatives: float = 0.0     # slots per batch (fraction of it) for two-object captions with one binding
+                                    # swapped, as negatives of their images (NegCLIP); 0 = none (paper: none)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2000, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine", weight_decay=0.1,
         betas=(0.9, 0.98), ema_decay=0.99, ckpt_every=500))
 
     def __post_init__(self):
+        check_range(self, "hard_negatives", 0.0, 1.0)
         check_positive(self, "embed_dim", "image_size", "patch_size", "vision_width", "vision_layers",
                        "vision_head_width", "text_width", "text_layers", "text_heads", "context_length")
         if self.arch == "custom":
@@ -314,14 +321,47 @@ def contrastive_loss_fn():
     loss = open_clip.ClipLoss(gather_with_grad=True, rank=rank, world_size=world)
 
     def fn(model, batch, generator):
-        images, tokens = batch
-        img, txt, scale = model(images, tokens)[:3]        # unit-norm features [b, D], exp(logit scale)
-        value = loss(img, txt, scale)
+        images, tokens = batch[:2]
+        if len(batch) == 2:
+            img, txt, scale = model(images, tokens)[:3]    # unit-norm features [b, D], exp(logit scale)
+            value = loss(img, txt, scale)
+        else:  # hard negatives: encoded in the same forward (the text tower takes more rows than images)
+            img, both, scale = model(images, torch.cat([tokens, batch[2]]))[:3]
+            txt, neg = both[:len(tokens)], both[len(tokens):]
+            value = hard_negative_loss(img, txt, neg, batch[3], scale, rank, world)
         m = model.module if hasattr(model, "module") else model
         with torch.no_grad():  # keep the temperature in CLIP's range (logit scale <= 100)
             m.logit_scale.clamp_(0, 4.6052)
         return value, {"scale": scale.item()}
     return fn
+
+
+def hard_negative_loss(img, txt, neg, owner, scale, rank: int = 0, world: int = 1):
+    """Symmetric InfoNCE whose image -> text side also ranks each image's own hard negative caption.
+
+    img, txt: unit-norm `[b, D]`; neg: unit-norm `[k, D]`, captions each false of one image in one binding
+    (`data.hard_negative_caption`); owner `[k]` long: the row of img that neg[j] belongs to, -1 for an empty
+    slot (at most one negative per image). Under torchrun every process's features are gathered (with
+    gradients), as `open_clip.ClipLoss(gather_with_grad=True)` does. The text -> image side is CLIP's own: a
+    negative caption has no image.
+    """
+    if world > 1:
+        from open_clip.loss import gather_features
+        owner = torch.where(owner >= 0, owner + rank * len(img), owner)
+        img, txt = gather_features(img, txt, gather_with_grad=True, rank=rank, world_size=world)
+        neg = gather_features(neg, neg, gather_with_grad=True, rank=rank, world_size=world)[0]
+        owners = [torch.empty_like(owner) for _ in range(world)]
+        torch.distributed.all_gather(owners, owner)
+        owner = torch.cat(owners)
+    labels = torch.arange(len(img), device=img.device)
+    per_image = scale * img @ txt.T                                            # [B, B]
+    live = owner >= 0
+    rows = owner[live]
+    own_neg = torch.full((len(img),), float("-inf"), device=img.device, dtype=per_image.dtype).index_put(
+        (rows,), scale * (img[rows] * neg[live]).sum(-1))                      # [B]: -inf where an image has none
+    i2t = F.cross_entropy(torch.cat([per_image, own_neg[:, None]], dim=1), labels)
+    t2i = F.cross_entropy(per_image.T, labels)
+    return (i2t + t2i) / 2
 
 
 @torch.no_grad()
@@ -361,16 +401,47 @@ def recall_at_1(text_embed: torch.Tensor, image_embed: torch.Tensor, same=None) 
 SPLITS = ("train", "val", "heldout")
 
 
+NEG_BLOCK = 8  # hard-negative slots are counted per block of this many rows of a batch (see _batches)
+
+
 def _batches(cfg: ClipConfig, dims, ctx):
-    from .data import to_float
+    import math
+
+    import numpy as np
+    from .data import hard_negative_caption, to_float
     import open_clip
     ds = ctx.dataset("train")
     images = ds.images(progress=False)
-    tokens = tokenize(open_clip.get_tokenizer(register_architecture(cfg)), ds.captions(), cfg.context_length)
+    tokenizer = open_clip.get_tokenizer(register_architecture(cfg))
+    tokens = tokenize(tokenizer, ds.captions(), cfg.context_length)
     device = ctx.device
+    negatives, slots = None, 0
+    if cfg.hard_negatives > 0:
+        scenes, allowed = ds.scenes(), set(getattr(ctx.world, "train_pairs", ()))
+        choice = np.random.default_rng([ctx.seed, 7]).random(len(scenes))
+        captions = [hard_negative_caption(s, allowed, c) for s, c in zip(scenes, choice)]
+        has_neg = torch.tensor([c is not None for c in captions])
+        if has_neg.any():  # a scene without a negative keeps its caption there (never used)
+            negatives = (tokenize(tokenizer, [c or s.caption for c, s in zip(captions, scenes)], cfg.context_length),
+                         has_neg)
+            slots = math.ceil(cfg.hard_negatives * NEG_BLOCK)
 
     def get_batch(idx):
-        return to_float(images[idx]).to(device), tokens[idx].to(device)
+        idx = torch.as_tensor(idx)
+        batch = (to_float(images[idx]).to(device), tokens[idx].to(device))
+        if negatives is None:
+            return batch
+        # a fixed number of slots per block of NEG_BLOCK rows, filled by the block's first rows that have a
+        # negative (empty slots: owner -1). Fixed shapes on every step, and, as torchrun splits a batch into
+        # whole blocks (when its share is a multiple of NEG_BLOCK), the same negatives whatever the number of processes.
+        owner, neg = [], []
+        for start in range(0, len(idx), NEG_BLOCK):
+            block = idx[start:start + NEG_BLOCK]
+            n_slots = math.ceil(cfg.hard_negatives * len(block)) if len(block) < NEG_BLOCK else slots
+            rows = negatives[1][block].nonzero().flatten()[:n_slots]
+            owner += (rows + start).tolist() + [-1] * (n_slots - len(rows))
+            neg += [negatives[0][block[rows]], tokens[block[:1]].repeat(n_slots - len(rows), 1)]
+        return batch + (torch.cat(neg).to(device), torch.tensor(owner, dtype=torch.long, device=device))
     return get_batch, len(images)
 
 

@@ -21,8 +21,9 @@ legible at the base resolution: the toy CLIP can learn to read it, which the typ
 
 This module also holds the world's semantics: what a caption states about a scene (`caption_facts`) and
 so which images a caption describes (`describes`, `caption_match_matrix`), used wherever a generated
-image or embedding is scored against its caption. `open_dataset` returns a split of the configured
-source: the toy world, or a real image-caption folder / COCO captions file (`real_data.py`).
+image or embedding is scored against its caption, and the captions that differ from a true one in a
+single binding (`hard_negative_caption`, the CLIP's hard negatives). `open_dataset` returns a split of the
+configured source: the toy world, or a real image-caption folder / COCO captions file (`real_data.py`).
 """
 from __future__ import annotations
 
@@ -229,6 +230,32 @@ def make_caption(objects, relation, template: int, text=None, text_in_caption=Fa
     if text is not None and text_in_caption:
         caption += f" with the word {text} written on the {objects[0].shape}"
     return _articles(caption)
+
+
+def hard_negative_caption(scene, allowed_pairs, choice: float) -> str | None:
+    """A caption that is false of a two-object `scene` in one binding only, or None (one object, real data).
+
+    What a bag-of-words text model cannot tell apart: the same words with the two colours swapped between
+    the objects, the two shapes swapped, or the relation reversed ("left of" -> "right of"). `choice` in
+    [0, 1) picks which; a swap that would make a (colour, shape) pair outside `allowed_pairs` (a held-out
+    pair, say) falls back to reversing the relation, and a template that states no relation gives None then.
+    CLIP training uses these as extra negatives of the image (NegCLIP, Yuksekgonul et al. 2023).
+    """
+    if scene is None or len(scene.objects) != 2:
+        return None
+    a, b = scene.objects
+    kind = int(choice * 3)
+    swapped = None
+    if kind == 0 and a.colour != b.colour:
+        swapped = (dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour))
+    elif kind == 1 and a.shape != b.shape:
+        swapped = (dataclasses.replace(a, shape=b.shape), dataclasses.replace(b, shape=a.shape))
+    if swapped is not None and all((o.colour, o.shape) in allowed_pairs for o in swapped):
+        return make_caption(swapped, scene.relation, scene.template)
+    tpl = PAIR_TEMPLATES[scene.template]
+    if "{rel}" not in tpl and "{inv}" not in tpl:
+        return None
+    return make_caption(scene.objects, RELATIONS[scene.relation], scene.template)
 
 
 # ---------------------------------------------------------------------------------------------
