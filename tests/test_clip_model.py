@@ -1,4 +1,6 @@
 """CLIP through open_clip: the interface, the loading paths, the stage, and its errors."""
+import math
+
 import open_clip
 import pytest
 import torch
@@ -140,7 +142,7 @@ def test_clip_batches_carry_hard_negatives_of_two_object_scenes(tmp_path):
     scenes = run.dataset("train").scenes()
     idx = torch.arange(cfg.train.batch_size)
     images, tokens, neg, owner = get_batch(idx)
-    slots = -(-cfg.hard_negatives * cfg.train.batch_size // 1)
+    slots = math.ceil(cfg.hard_negatives * clip_model.NEG_BLOCK) * (cfg.train.batch_size // clip_model.NEG_BLOCK)
     assert neg.shape == (slots, tokens.shape[1]) and owner.shape == (slots,)
     live = owner[owner >= 0]
     assert len(live) > 0 and len(set(live.tolist())) == len(live)

@@ -342,14 +342,13 @@ def hard_negative_loss(img, txt, neg, owner, scale, rank: int = 0, world: int = 
     img, txt: unit-norm `[b, D]`; neg: unit-norm `[k, D]`, captions each false of one image in one binding
     (`data.hard_negative_caption`); owner `[k]` long: the row of img that neg[j] belongs to, -1 for an empty
     slot (at most one negative per image). Under torchrun every process's features are gathered (with
-    gradients), as `open_clip.ClipLoss(gather_with_grad=True)` does. The text -> image side is CLIP's own: a
-    negative caption has no image.
+    gradients, `torch.distributed.nn.all_gather`), as `open_clip.ClipLoss(gather_with_grad=True)` does. The
+    text -> image side is CLIP's own: a negative caption has no image.
     """
     if world > 1:
-        from open_clip.loss import gather_features
+        from torch.distributed.nn import all_gather
         owner = torch.where(owner >= 0, owner + rank * len(img), owner)
-        img, txt = gather_features(img, txt, gather_with_grad=True, rank=rank, world_size=world)
-        neg = gather_features(neg, neg, gather_with_grad=True, rank=rank, world_size=world)[0]
+        img, txt, neg = (torch.cat(all_gather(x)) for x in (img, txt, neg))
         owners = [torch.empty_like(owner) for _ in range(world)]
         torch.distributed.all_gather(owners, owner)
         owner = torch.cat(owners)
@@ -415,7 +414,7 @@ def _batches(cfg: ClipConfig, dims, ctx):
     tokenizer = open_clip.get_tokenizer(register_architecture(cfg))
     tokens = tokenize(tokenizer, ds.captions(), cfg.context_length)
     device = ctx.device
-    negatives, slots = None, 0
+    negatives = None
     if cfg.hard_negatives > 0:
         scenes, allowed = ds.scenes(), set(getattr(ctx.world, "train_pairs", ()))
         choice = np.random.default_rng([ctx.seed, 7]).random(len(scenes))
@@ -424,7 +423,6 @@ def _batches(cfg: ClipConfig, dims, ctx):
         if has_neg.any():  # a scene without a negative keeps its caption there (never used)
             negatives = (tokenize(tokenizer, [c or s.caption for c, s in zip(captions, scenes)], cfg.context_length),
                          has_neg)
-            slots = math.ceil(cfg.hard_negatives * NEG_BLOCK)
 
     def get_batch(idx):
         idx = torch.as_tensor(idx)
@@ -433,11 +431,12 @@ def _batches(cfg: ClipConfig, dims, ctx):
             return batch
         # a fixed number of slots per block of NEG_BLOCK rows, filled by the block's first rows that have a
         # negative (empty slots: owner -1). Fixed shapes on every step, and, as torchrun splits a batch into
-        # whole blocks (when its share is a multiple of NEG_BLOCK), the same negatives whatever the number of processes.
+        # whole blocks (when its share is a multiple of NEG_BLOCK), the same negatives whatever the number of
+        # processes.
         owner, neg = [], []
         for start in range(0, len(idx), NEG_BLOCK):
             block = idx[start:start + NEG_BLOCK]
-            n_slots = math.ceil(cfg.hard_negatives * len(block)) if len(block) < NEG_BLOCK else slots
+            n_slots = math.ceil(cfg.hard_negatives * len(block))
             rows = negatives[1][block].nonzero().flatten()[:n_slots]
             owner += (rows + start).tolist() + [-1] * (n_slots - len(rows))
             neg += [negatives[0][block[rows]], tokens[block[:1]].repeat(n_slots - len(rows), 1)]
