@@ -150,6 +150,27 @@ def test_ddim_inversion_round_trip_with_oracle(steps, respacing, atol):
     assert err < 1e-5, err  # float32 rounding only
 
 
+def test_ddim_inversion_of_an_x0_model_carries_the_image_up_noise_free():
+    """An x0 model's implied eps at the chain's first level is its error over sqrt(1 - abar_0) ~ 0.016 here:
+    inversion takes eps = 0 there, so a predictor 0.02 off everywhere gives x_T = sqrt(abar_T) x0_hat."""
+    d = make(100, mean_type="x0", respacing="ddim10")
+    x0 = known_x0()
+    x0_hat = (x0 + 0.02 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
+    model = lambda x, t: x0_hat.clone()  # the same prediction at every level, whatever x_t
+    first = d.ddim_reverse_sample(model, x0, torch.zeros(SHAPE[0], dtype=torch.long))["sample"]
+    assert_close(first, d.alphas_cumprod[1].sqrt() * x0_hat)
+    implied = d.predict_eps_from_xstart(x0, torch.zeros(SHAPE[0], dtype=torch.long), x0_hat)
+    assert implied.std() > 0.5  # what the first step would carry up without the rule
+    x_T = d.ddim_reverse_sample_loop(model, x0)
+    assert_close(x_T, d.alphas_cumprod[-1].sqrt() * x0_hat)
+    eps_model = make(100, respacing="ddim10")  # an eps model's first step keeps its own eps
+    eps = 0.3 * torch.ones(SHAPE)
+    out = eps_model.ddim_reverse_sample(lambda x, t: eps, x0, torch.zeros(SHAPE[0], dtype=torch.long))["sample"]
+    ab0, ab1 = eps_model.alphas_cumprod[0], eps_model.alphas_cumprod[1]
+    x0_eps = ((x0 - (1 - ab0).sqrt() * eps) / ab0.sqrt()).clamp(-1, 1)
+    assert_close(out, ab1.sqrt() * x0_eps + (1 - ab1).sqrt() * eps)
+
+
 def test_ddim_inversion_takes_one_step_fewer_than_the_chain():
     d = make(10)
     calls = []

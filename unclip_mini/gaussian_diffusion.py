@@ -324,9 +324,18 @@ class GaussianDiffusion(nn.Module):
         return dict(sample=sample, pred_xstart=out["pred_xstart"])
 
     def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
-        """One DDIM inversion step x_t -> x_{t+1} (the ODE run forwards, eta = 0): dict(sample, pred_xstart)."""
+        """One DDIM inversion step x_t -> x_{t+1} (the ODE run forwards, eta = 0): dict(sample, pred_xstart).
+
+        An x0-predicting model's noise is implied, eps = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t). At the
+        chain's first level, the image itself, sqrt(1 - abar_0) is ~0.006 (cosine schedule), so eps is the
+        model's error on x0 blown up ~160x (a 0.02 error gives eps ~3, and x_T inherits it), while an exact x0
+        predictor gives eps = x_0 (1 - sqrt(abar_0)) / sqrt(1 - abar_0) ~ 0.003 x_0. There the step takes eps = 0:
+        the image is carried up as noise-free, x_1 = sqrt(abar_1) x0_hat. eps- and v-models give eps directly.
+        """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        if self.mean_type == "x0":
+            eps = torch.where((t == 0).view(-1, *([1] * (x.dim() - 1))), torch.zeros_like(eps), eps)
         abar_next = extract(self.alphas_cumprod_next, t, x.shape)
         sample = out["pred_xstart"] * torch.sqrt(abar_next) + torch.sqrt(1 - abar_next) * eps
         return dict(sample=sample, pred_xstart=out["pred_xstart"])
