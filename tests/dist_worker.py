@@ -1,8 +1,12 @@
 """A training job for tests/test_distributed.py, run by `torchrun --nproc_per_node 2` (gloo, CPU) or by plain
 python (one process). Not a test module itself.
 
-    python dist_worker.py stages RUN_DIR OUT_DIR   every stage at smoke through the CLI (`train STAGE --steps 4`);
-                                                   with 2 processes also the decoder with dropout (see DROPOUT_STEPS)
+    python dist_worker.py stages RUN_DIR OUT_DIR [--clip-from OTHER_RUN_DIR]
+                                                   every stage at smoke through the CLI (`train STAGE --steps 4`);
+                                                   with 2 processes also the decoder with dropout (see DROPOUT_STEPS);
+                                                   --clip-from: after training its own CLIP, the job continues on a
+                                                   copy of OTHER_RUN_DIR's (so later stages see the same inputs);
+                                                   its own is kept in RUN_DIR/clip.own
     python dist_worker.py dropout RUN_DIR OUT_DIR [--slow]   only the decoder with dropout (RUN_DIR holds a CLIP);
                                                    --slow: each step sleeps, so a test can kill the job mid-run
     python dist_worker.py fsdp RUN_DIR OUT_DIR     a smoke decoder by the training loop with DDP, and with FSDP
@@ -17,6 +21,7 @@ the code has are used, so the same job runs against older code (to show what the
 """
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -139,6 +144,10 @@ if __name__ == "__main__":
             rc = main(["train", stage, "--preset", "smoke", "--run-dir", run_dir, "--device", "cpu",
                        "--steps", str(STEPS)])
             assert rc == 0, f"train {stage} failed"
+            if stage == "clip" and "--clip-from" in sys.argv:
+                other = sys.argv[sys.argv.index("--clip-from") + 1]
+                os.rename(os.path.join(run_dir, "clip"), os.path.join(run_dir, "clip.own"))  # kept for the test
+                shutil.copytree(os.path.join(other, "clip"), os.path.join(run_dir, "clip"))
         hard_negative_clip(run_dir)
         if world > 1:
             dropout_decoder(run_dir)
