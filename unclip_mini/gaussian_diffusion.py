@@ -330,7 +330,8 @@ class GaussianDiffusion(nn.Module):
         chain's first level, the image itself, sqrt(1 - abar_0) is ~0.006 (cosine schedule), so eps is the
         model's error on x0 blown up ~160x (a 0.02 error gives eps ~3, and x_T inherits it), while an exact x0
         predictor gives eps = x_0 (1 - sqrt(abar_0)) / sqrt(1 - abar_0) ~ 0.003 x_0. There the step takes eps = 0:
-        the image is carried up as noise-free, x_1 = sqrt(abar_1) x0_hat. eps- and v-models give eps directly.
+        the image is carried up as noise-free, x_1 = sqrt(abar_1) x0_hat. eps- and v-models predict the noise
+        (or v) themselves, so their step keeps it.
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
