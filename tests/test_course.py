@@ -132,3 +132,31 @@ def test_report_has_every_section_and_embeds_every_image(tmp_path):
     for data in images:
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
     assert not re.findall(r'(?:src|href)="https?://', page), "the report must load nothing from the network"
+
+
+def test_background_trains_each_stage_once_its_needs_exist(tmp_path):
+    """`course` trains `AHEAD` in a background process: the GLIDE-style baseline needs no CLIP, so it trains at once
+    (beside the CLIP, in a course); a prior waits until the CLIP exists, then trains."""
+    import time
+
+    from unclip_mini import stages
+    assert course.AHEAD[0] == "glide" and set(course.AHEAD) <= set(stages.STAGES)
+    background = course.AheadTrainer("smoke", tmp_path, stages=("glide", "diffusion_prior"))
+    background.start()
+    try:
+        deadline = time.monotonic() + 300
+        while "glide" not in background.done and time.monotonic() < deadline:
+            assert not background.failed, (tmp_path / "ahead.log").read_text()
+            time.sleep(0.5)
+        assert "glide" in background.done, "the baseline must train without a CLIP"
+        time.sleep(3)                                   # longer than the trainer's 2 s wait for a stage's needs
+        assert background.is_alive() and not (tmp_path / "diffusion_prior").exists(), "no CLIP yet: the prior waits"
+        stages.load_or_train(stages.Run("smoke", run_dir=tmp_path, device="cpu"), "clip", verbose=False)
+        background.join(timeout=300)
+        assert not background.is_alive() and not background.failed, (tmp_path / "ahead.log").read_text()
+        assert list(background.done) == ["glide", "diffusion_prior"]
+        record = stages.read_record(stages.Run("smoke", run_dir=tmp_path, device="cpu"), "diffusion_prior")
+        assert record["requires"] == {"clip": stages.read_record(
+            stages.Run("smoke", run_dir=tmp_path, device="cpu"), "clip")["id"]}
+    finally:
+        background.stop()

@@ -214,6 +214,22 @@ def test_stage_round_trip(tmp_path):
         stages.load_stage(stages.Run("smoke", run_dir=tmp_path / "empty"), "decoder")
 
 
+def test_glide_baseline_needs_no_clip_and_trains_on_the_clip_caches_tokens(tmp_path):
+    """The course trains the baseline beside the CLIP, so it must not read the CLIP's cache: it tokenizes its
+    captions itself, and must get exactly the ids the CLIP stage caches (what the pipeline feeds it)."""
+    from unclip_mini.clip_model import caption_tokens
+    alone = stages.Run("smoke", run_dir=tmp_path / "alone")
+    glide = stages.load_or_train(alone, "glide", steps=2, verbose=False)
+    assert stages.read_record(alone, "clip") is None, "training the baseline must not train a CLIP"
+    assert glide.record["requires"] == {}
+    run = stages.Run("smoke", run_dir=tmp_path / "run")
+    stages.load_or_train(run, "clip", verbose=False)
+    for split in ("train", "val"):
+        cached = run.embeddings(split)["tokens"]
+        mine = caption_tokens(run.cfg.clip, run.dataset(split).captions())
+        assert mine.dtype == cached.dtype and torch.equal(mine, cached), split
+
+
 def test_caption_encoder_runs_once_per_sample_not_per_step():
     cfg = D.DecoderConfig.smoke()
     model = make(cfg)

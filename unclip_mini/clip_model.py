@@ -287,6 +287,16 @@ def tokenize(tokenizer, captions, context_length: int) -> torch.Tensor:
     return tokenizer(list(captions))
 
 
+def caption_tokens(cfg: ClipConfig, captions) -> torch.Tensor:
+    """The token ids `[N, L]` int32 that the CLIP stage of config `cfg` caches for `captions` (`embed_dataset`:
+    the same tokenizer, trimmed to the longest caption), made without a trained CLIP: the tokenizer is fixed by
+    the config. A stage that reads captions but no embeddings (the GLIDE-style baseline) trains on these."""
+    import open_clip
+    tokens = tokenize(open_clip.get_tokenizer(register_architecture(cfg)), captions, cfg.context_length)
+    length = int((tokens != 0).sum(1).max())      # start, words, end-of-text; padding (id 0) after it
+    return tokens[:, :length].to(torch.int32)
+
+
 def text_features(model, tokens: torch.Tensor):
     """Pooled z_t, per-token features and mask of open_clip's text tower (mirrors `CLIP.encode_text`).
 

@@ -40,7 +40,10 @@ from .errors import ConfigError
 from .stages import REPO_ROOT, STAGES, default_run_dir
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-AHEAD = ("upsampler1", "upsampler2", "checker", "glide")   # trained in the background, in this order
+# trained in the background, in this order, each once its needs exist: the GLIDE-style baseline first, beside the
+# CLIP (it needs none: it tokenizes its captions itself), so that the decoder, which needs the CLIP, is the only
+# long training left on the notebooks' core; the rest is done while the decoder trains
+AHEAD = ("glide", "upsampler1", "upsampler2", "checker", "diffusion_prior", "ar_prior")
 AHEAD_UNTIL = "06"     # notebooks up to this one run with one torch thread while the background trains
 KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]   # the kernel's own start-up notices (e.g. "running over TCP")
 
@@ -102,7 +105,7 @@ class AheadTrainer(threading.Thread):
     def __init__(self, preset: str, out: Path, stages=AHEAD, device=None):
         super().__init__(daemon=True)
         self.preset, self.out, self.stages, self.device = preset, Path(out), list(stages), device
-        self.done, self.failed, self.proc, self._stop = {}, {}, None, threading.Event()
+        self.done, self.failed, self.proc, self._halt = {}, {}, None, threading.Event()
 
     def _trained(self, name) -> bool:
         return (self.out / name / "stage.json").exists()  # the record, written last when a stage is done
@@ -111,9 +114,9 @@ class AheadTrainer(threading.Thread):
         log = open(self.out / "ahead.log", "a")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "UNCLIP_TRAIN_THREADS": "1", "UNCLIP_PROGRESS": "text"}
         for name in self.stages:
-            while not self._stop.is_set() and not all(self._trained(d) for d in STAGES[name].needs):
-                self._stop.wait(2.0)
-            if self._stop.is_set():
+            while not self._halt.is_set() and not all(self._trained(d) for d in STAGES[name].needs):
+                self._halt.wait(2.0)
+            if self._halt.is_set():
                 break
             if self._trained(name):
                 continue
@@ -121,8 +124,10 @@ class AheadTrainer(threading.Thread):
                    "--run-dir", str(self.out)] + (["--device", self.device] if self.device else [])
             t0 = time.perf_counter()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            if self._halt.is_set():  # stopped while it was starting
+                self.proc.terminate()
             rc = self.proc.wait()
-            if self._stop.is_set():   # the course ended first: the checkpoint stays, a later run resumes it
+            if self._halt.is_set():   # the course ended first: the checkpoint stays, a later run resumes it
                 break
             (self.done if rc == 0 else self.failed)[name] = round(time.perf_counter() - t0, 1)
             print(f"   [ahead] {name} {'trained' if rc == 0 else 'FAILED (see ahead.log)'} in the background "
@@ -130,10 +135,15 @@ class AheadTrainer(threading.Thread):
         log.close()
 
     def stop(self):
-        self._stop.set()
+        """End the background work: the stage being trained is killed (its checkpoint stays); returns once the
+        thread has finished, so `done` and `failed` are final. (The event is not called `_stop`: that name is
+        `threading.Thread`'s own, and shadowing it breaks `join`.)"""
+        self._halt.set()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait()
+        if self.is_alive():
+            self.join(timeout=60)
 
 
 def _execute(path: Path, target: Path, parameters: dict, notebook_dir, timeout, live: bool):

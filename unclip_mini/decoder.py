@@ -400,8 +400,7 @@ def loss_fn(model, batch, generator):
 # ---------------------------------------------------------------------------------------------
 
 def _prepare(cfg: DecoderConfig, ctx) -> dict:
-    emb = ctx.embeddings("train")
-    if cfg.use_image_embed and emb["image_embed"].shape[1] != cfg.clip_dim:
+    if cfg.use_image_embed and (emb := ctx.embeddings("train"))["image_embed"].shape[1] != cfg.clip_dim:
         raise ConfigError(f"clip_dim = {cfg.clip_dim} but this run's CLIP embeds to {emb['image_embed'].shape[1]} "
                           f"dims: set the decoder's clip_dim to the CLIP's embed_dim")
     if ctx.cfg.data.resolution != cfg.image_size:
@@ -412,25 +411,35 @@ def _prepare(cfg: DecoderConfig, ctx) -> dict:
 
 def _batches(cfg: DecoderConfig, dims, ctx):
     from .data import to_float
-    emb, images = ctx.embeddings("train"), ctx.dataset("train").images()   # uint8 [N, 3, R, R]
-    if len(images) != len(emb["image_embed"]):
-        raise ArtifactError(f"the train split has {len(images)} images but the CLIP cache {len(emb['image_embed'])}"
-                            f" rows: retrain the clip stage (delete its folder in the run folder)")
-    image_embed, tokens, device = emb["image_embed"].float(), emb["tokens"].long(), ctx.device
+    train, device = ctx.dataset("train"), ctx.device
+    images = train.images()                                                 # uint8 [N, 3, R, R]
+    if cfg.use_image_embed:
+        emb = ctx.embeddings("train")
+        if len(images) != len(emb["image_embed"]):
+            raise ArtifactError(f"the train split has {len(images)} images but the CLIP cache "
+                                f"{len(emb['image_embed'])} rows: retrain the clip stage (delete its folder in the "
+                                f"run folder)")
+        image_embed, tokens = emb["image_embed"].float(), emb["tokens"].long()
+    else:
+        # the GLIDE-style baseline reads the captions alone: it tokenizes them exactly as the CLIP stage caches them,
+        # so it needs no trained CLIP and can train beside it
+        from .clip_model import caption_tokens
+        image_embed, tokens = None, caption_tokens(ctx.cfg.clip, train.captions()).long()
 
     def get_batch(idx):
-        return to_float(images[idx]).to(device), image_embed[idx].to(device), tokens[idx].to(device)
+        z = None if image_embed is None else image_embed[idx].to(device)
+        return to_float(images[idx]).to(device), z, tokens[idx].to(device)
     return get_batch, len(images)
 
 
-def _spec(name: str, about: str) -> StageSpec:
+def _spec(name: str, about: str, needs: tuple[str, ...]) -> StageSpec:
     return StageSpec(
-        name=name, needs=("clip",), notebook="06_decoder", about=about, prepare=_prepare, batches=_batches,
+        name=name, needs=needs, notebook="06_decoder", about=about, prepare=_prepare, batches=_batches,
         build=lambda cfg, dims: Decoder(cfg), loss=lambda cfg, dims, ctx: loss_fn,
         wrap=lambda network, cfg, dims, ctx: network.to(ctx.device).eval().requires_grad_(False),
         finish=lambda model, cfg, dims, ctx: {"parameters_no_embedding": model.num_parameters(False)},
         sampling_fields=("guidance_scale", "sampler", "sample_steps"))
 
 
-SPEC = _spec("decoder", "CLIP image embedding (+ caption) -> base image")
-GLIDE_SPEC = _spec("glide", "the GLIDE-style baseline: caption -> base image")
+SPEC = _spec("decoder", "CLIP image embedding (+ caption) -> base image", needs=("clip",))
+GLIDE_SPEC = _spec("glide", "the GLIDE-style baseline: caption -> base image", needs=())  # its own tokens
