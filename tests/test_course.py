@@ -15,7 +15,8 @@ def _notebook(path, *sources):
     nbformat.write(nb, path)
 
 
-def test_course_runs_in_order_and_summarises(tmp_path):
+def test_course_runs_in_order_and_summarises(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)       # the run folder is given relative to here, as on a command line
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()
     save = ("import os\nfrom unclip_mini import notebook as nb\n"
@@ -23,7 +24,8 @@ def test_course_runs_in_order_and_summarises(tmp_path):
     _notebook(nbdir / "01_first.ipynb", "x = 1", save.format(name="01_first"))
     _notebook(nbdir / "02_second.ipynb", save.format(name="02_second"))
     out = tmp_path / "run"
-    assert course.run_course("smoke", out, notebook_dir=nbdir) == 0
+    assert course.run_course("smoke", "run", notebook_dir=nbdir) == 0
+    assert not (nbdir / "run").exists(), "nothing may land in a run folder under the notebooks' working directory"
     summary = (out / "summary.md").read_text()
     assert "| answer | 42.0 | a figure |" in summary and "02_second" in summary
     assert (out / "notebooks" / "01_first.ipynb").exists()
@@ -134,14 +136,21 @@ def test_report_has_every_section_and_embeds_every_image(tmp_path):
     assert not re.findall(r'(?:src|href)="https?://', page), "the report must load nothing from the network"
 
 
-def test_background_trains_each_stage_once_its_needs_exist(tmp_path):
+def test_background_trains_each_stage_once_its_needs_exist(tmp_path, monkeypatch):
     """`course` trains `AHEAD` in a background process: the GLIDE-style baseline needs no CLIP, so it trains at once
     (beside the CLIP, in a course); a prior waits until the CLIP exists, then trains."""
     import time
 
     from unclip_mini import stages
     assert course.AHEAD[0] == "glide" and set(course.AHEAD) <= set(stages.STAGES)
-    background = course.AheadTrainer("smoke", tmp_path, stages=("glide", "diffusion_prior"))
+    (tmp_path / "nbs").mkdir()
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path)
+    # a relative run folder, and the working directory changed while the trainer runs (papermill runs each notebook
+    # inside the notebook folder that way): its stages must still land in the folder it was given
+    background = course.AheadTrainer("smoke", "run", stages=("glide", "diffusion_prior"))
+    monkeypatch.chdir(tmp_path / "nbs")
+    tmp_path = tmp_path / "run"
     background.start()
     try:
         deadline = time.monotonic() + 300
@@ -155,6 +164,7 @@ def test_background_trains_each_stage_once_its_needs_exist(tmp_path):
         background.join(timeout=300)
         assert not background.is_alive() and not background.failed, (tmp_path / "ahead.log").read_text()
         assert list(background.done) == ["glide", "diffusion_prior"]
+        assert not (tmp_path.parent / "nbs" / "run").exists(), "trained into the folder of the working directory"
         record = stages.read_record(stages.Run("smoke", run_dir=tmp_path, device="cpu"), "diffusion_prior")
         assert record["requires"] == {"clip": stages.read_record(
             stages.Run("smoke", run_dir=tmp_path, device="cpu"), "clip")["id"]}

@@ -104,7 +104,8 @@ class AheadTrainer(threading.Thread):
 
     def __init__(self, preset: str, out: Path, stages=AHEAD, device=None):
         super().__init__(daemon=True)
-        self.preset, self.out, self.stages, self.device = preset, Path(out), list(stages), device
+        # resolved now: the notebooks change the working directory while this thread starts its processes
+        self.preset, self.out, self.stages, self.device = preset, Path(out).resolve(), list(stages), device
         self.done, self.failed, self.proc, self._halt = {}, {}, None, threading.Event()
 
     def _trained(self, name) -> bool:
@@ -166,7 +167,9 @@ def run_course(preset: str = "toy", out=None, only=None, publish: bool = False, 
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    out = Path(out) if out else default_run_dir(preset)
+    # absolute from here on: papermill runs each notebook inside `notebook_dir` by changing this process's working
+    # directory, so a relative path would mean another folder to what starts meanwhile (the background's training)
+    out = Path(out).resolve() if out else default_run_dir(preset)
     out.mkdir(parents=True, exist_ok=True)
     executed = out / "notebooks"
     executed.mkdir(exist_ok=True)
