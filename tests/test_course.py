@@ -150,23 +150,23 @@ def test_background_trains_each_stage_once_its_needs_exist(tmp_path, monkeypatch
     # inside the notebook folder that way): its stages must still land in the folder it was given
     background = course.AheadTrainer("smoke", "run", stages=("glide", "diffusion_prior"))
     monkeypatch.chdir(tmp_path / "nbs")
-    tmp_path = tmp_path / "run"
+    run_dir = tmp_path / "run"
+    run = stages.Run("smoke", run_dir=run_dir, device="cpu")
     background.start()
     try:
         deadline = time.monotonic() + 300
         while "glide" not in background.done and time.monotonic() < deadline:
-            assert not background.failed, (tmp_path / "ahead.log").read_text()
+            assert not background.failed, (run_dir / "ahead.log").read_text()
             time.sleep(0.5)
         assert "glide" in background.done, "the baseline must train without a CLIP"
         time.sleep(3)                                   # longer than the trainer's 2 s wait for a stage's needs
-        assert background.is_alive() and not (tmp_path / "diffusion_prior").exists(), "no CLIP yet: the prior waits"
-        stages.load_or_train(stages.Run("smoke", run_dir=tmp_path, device="cpu"), "clip", verbose=False)
+        assert background.is_alive() and not (run_dir / "diffusion_prior").exists(), "no CLIP yet: the prior waits"
+        stages.load_or_train(run, "clip", verbose=False)
         background.join(timeout=300)
-        assert not background.is_alive() and not background.failed, (tmp_path / "ahead.log").read_text()
+        assert not background.is_alive() and not background.failed, (run_dir / "ahead.log").read_text()
         assert list(background.done) == ["glide", "diffusion_prior"]
-        assert not (tmp_path.parent / "nbs" / "run").exists(), "trained into the folder of the working directory"
-        record = stages.read_record(stages.Run("smoke", run_dir=tmp_path, device="cpu"), "diffusion_prior")
-        assert record["requires"] == {"clip": stages.read_record(
-            stages.Run("smoke", run_dir=tmp_path, device="cpu"), "clip")["id"]}
+        assert not (tmp_path / "nbs" / "run").exists(), "trained into the folder of the working directory"
+        record = stages.read_record(run, "diffusion_prior")
+        assert record["requires"] == {"clip": stages.read_record(run, "clip")["id"]}
     finally:
         background.stop()

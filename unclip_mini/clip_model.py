@@ -287,14 +287,23 @@ def tokenize(tokenizer, captions, context_length: int) -> torch.Tensor:
     return tokenizer(list(captions))
 
 
+def tokenizer_for(cfg: ClipConfig):
+    """open_clip's tokenizer of the CLIP of config `cfg`: fixed by the config, trained or pretrained alike."""
+    import open_clip
+    return open_clip.get_tokenizer(register_architecture(cfg))
+
+
+def caption_length(tokens: torch.Tensor) -> int:
+    """The longest row's length of `tokens` `[N, L]`: start, words, end-of-text, then padding (id 0)."""
+    return int((tokens != 0).sum(1).max())
+
+
 def caption_tokens(cfg: ClipConfig, captions) -> torch.Tensor:
     """The token ids `[N, L]` int32 that the CLIP stage of config `cfg` caches for `captions` (`embed_dataset`:
-    the same tokenizer, trimmed to the longest caption), made without a trained CLIP: the tokenizer is fixed by
-    the config. A stage that reads captions but no embeddings (the GLIDE-style baseline) trains on these."""
-    import open_clip
-    tokens = tokenize(open_clip.get_tokenizer(register_architecture(cfg)), captions, cfg.context_length)
-    length = int((tokens != 0).sum(1).max())      # start, words, end-of-text; padding (id 0) after it
-    return tokens[:, :length].to(torch.int32)
+    the same tokenizer, trimmed to the longest caption), made without a trained CLIP. A stage that reads captions
+    but no embeddings (the GLIDE-style baseline) trains on these."""
+    tokens = tokenize(tokenizer_for(cfg), captions, cfg.context_length)
+    return tokens[:, :caption_length(tokens)].to(torch.int32)
 
 
 def text_features(model, tokens: torch.Tensor):
@@ -418,10 +427,9 @@ def _batches(cfg: ClipConfig, dims, ctx):
 
     import numpy as np
     from .data import hard_negative_caption, to_float
-    import open_clip
     ds = ctx.dataset("train")
     images = ds.images(progress=False)
-    tokenizer = open_clip.get_tokenizer(register_architecture(cfg))
+    tokenizer = tokenizer_for(cfg)
     tokens = tokenize(tokenizer, ds.captions(), cfg.context_length)
     device = ctx.device
     negatives = None
@@ -467,7 +475,7 @@ def _wrap(model, cfg: ClipConfig, dims, ctx) -> ClipEncoder:
     pre = CUSTOM_PREPROCESS if cfg.arch == "custom" else \
         {"mean": list(model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN),
          "std": list(model.visual.image_std or open_clip.OPENAI_DATASET_STD)}
-    return ClipEncoder(model, open_clip.get_tokenizer(register_architecture(cfg)), pre, cfg, ctx.device)
+    return ClipEncoder(model, tokenizer_for(cfg), pre, cfg, ctx.device)
 
 
 def _finish(encoder: ClipEncoder, cfg: ClipConfig, dims, ctx) -> dict:
@@ -493,7 +501,7 @@ def embed_dataset(encoder: ClipEncoder, dataset, batch_size: int = 1024) -> dict
     float16, 'text_mask' [N, L] bool}; L = the longest caption's length.
     """
     text = encoder.encode_text(dataset.captions(), batch_size=batch_size)
-    length = int(text["text_mask"].sum(1).max())
+    length = caption_length(text["tokens"])
     image_embed = encoder.encode_image(dataset.images(progress=False), batch_size=batch_size)
     return {"text_embed": text["text_embed"].cpu(), "image_embed": image_embed.cpu(),
             "tokens": text["tokens"][:, :length].to(torch.int32),

@@ -178,7 +178,7 @@ def run_course(preset: str = "toy", out=None, only=None, publish: bool = False, 
     if ahead is None:
         import torch
         ahead = (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available() and len(todo) > 1
-    os.environ.update({"UNCLIP_PRESET": preset, "UNCLIP_RUN_DIR": str(out.resolve()), "UNCLIP_PROGRESS": "text",
+    os.environ.update({"UNCLIP_PRESET": preset, "UNCLIP_RUN_DIR": str(out), "UNCLIP_PROGRESS": "text",
                        "UNCLIP_TRAIN_THREADS": "1"})
     if device:
         os.environ["UNCLIP_DEVICE"] = device
