@@ -76,7 +76,7 @@ def test_live_output_shows_stage_messages_and_throttled_bars():
     assert "some cell output" not in buf.getvalue()
 
 
-def test_sweep_runs_a_notebook_per_value_and_gathers_one_table(tmp_path):
+def test_sweep_runs_a_notebook_per_value_and_gathers_one_table(tmp_path, monkeypatch):
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()
     nb = nbformat.v4.new_notebook()
@@ -88,7 +88,9 @@ def test_sweep_runs_a_notebook_per_value_and_gathers_one_table(tmp_path):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, nbdir / "05_swept.ipynb")
     out = tmp_path / "run"
-    table = course.sweep("05", "scale", [1.0, 3.0], "smoke", out, notebook_dir=nbdir, live=False)
+    monkeypatch.chdir(tmp_path)       # a relative run folder, as on a command line (papermill changes directory)
+    table = course.sweep("05", "scale", [1.0, 3.0], "smoke", "run", notebook_dir=nbdir, live=False)
+    assert not (nbdir / "run").exists(), "nothing may land in a run folder under the notebooks' working directory"
     assert sorted(p.name for p in (out / "sweeps" / "05_swept").iterdir()) == ["scale=1.0.ipynb", "scale=3.0.ipynb"]
     assert (out / "metrics" / "05_swept@scale=3.0.json").exists() and not (out / "metrics" / "05_swept.json").exists()
     text = table.read_text()

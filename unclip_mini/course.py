@@ -253,10 +253,10 @@ def sweep(notebook: str, param: str, values, preset: str = "toy", out=None, time
         raise ConfigError(f"{path.name} has no `tag` parameter, so its runs would overwrite each other's metrics")
     if not values:
         raise ConfigError("give at least one value to sweep over")
-    out = Path(out) if out else default_run_dir(preset)
+    out = Path(out).resolve() if out else default_run_dir(preset)   # absolute, as in run_course
     folder = out / "sweeps" / path.stem
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ.update({"UNCLIP_PRESET": preset, "UNCLIP_RUN_DIR": str(out.resolve()), "UNCLIP_PROGRESS": "text",
+    os.environ.update({"UNCLIP_PRESET": preset, "UNCLIP_RUN_DIR": str(out), "UNCLIP_PROGRESS": "text",
                        "UNCLIP_TRAIN_THREADS": "1"})
     for v in values:
         tag = f"{param}={v}"
