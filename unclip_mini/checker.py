@@ -199,7 +199,10 @@ def caption_accuracy(checker: Checker, images, scenes) -> dict:
     all: every stated fact right (the object count, colours and shapes bound to the right objects, and the
     stated relation, size or cell); count: the number of objects; colour / shape: per object, as multisets
     (a red circle drawn as a red square has the right colour); relation: among captions that state one, the
-    objects in that relation (with the right colours and shapes). scenes: the caption's scenes (ground truth).
+    objects in that relation (with the right colours and shapes); colour_leak / shape_leak: among two-object
+    captions whose objects differ in colour (shape) and images read with two objects, how often both objects
+    were drawn in one colour (shape), an attribute leaking from one object to the other (the binding failure
+    unCLIP §7 reports). NaN where no image qualifies. scenes: the caption's scenes (ground truth).
     """
     if len(images) != len(scenes):
         raise DataError(f"{len(images)} images but {len(scenes)} scenes: pass one scene per image")
@@ -208,6 +211,7 @@ def caption_accuracy(checker: Checker, images, scenes) -> dict:
     seen = read_scenes(checker, images, [s.template for s in scenes])
     counts = {"all": 0, "count": 0, "relation": 0, "relation_n": 0}
     matched = {"colour": 0, "shape": 0}
+    leak = {"colour": [0, 0], "shape": [0, 0]}  # [two-object captions whose objects differ in it, drawn alike]
     n_objects = 0
     for p, s in zip(seen, scenes):
         same_count = len(p.objects) == len(s.objects)
@@ -219,6 +223,10 @@ def caption_accuracy(checker: Checker, images, scenes) -> dict:
             have = [getattr(o, key) for o in p.objects]
             matched[key] += sum(min(want.count(v), have.count(v)) for v in set(want))
         n_objects += len(s.objects)
+        if len(s.objects) == 2 and len(p.objects) == 2:
+            for key, (n_differ, n_alike) in leak.items():
+                if getattr(s.objects[0], key) != getattr(s.objects[1], key):
+                    leak[key] = [n_differ + 1, n_alike + (getattr(p.objects[0], key) == getattr(p.objects[1], key))]
         if len(s.objects) == 2 and ("{rel}" in PAIR_TEMPLATES[s.template] or "{inv}" in PAIR_TEMPLATES[s.template]):
             counts["relation_n"] += 1
             counts["relation"] += ok
@@ -226,6 +234,7 @@ def caption_accuracy(checker: Checker, images, scenes) -> dict:
     return {"all": counts["all"] / n, "count": counts["count"] / n, "colour": matched["colour"] / n_objects,
             "shape": matched["shape"] / n_objects,
             "relation": counts["relation"] / counts["relation_n"] if counts["relation_n"] else float("nan"),
+            **{f"{key}_leak": alike / differ if differ else float("nan") for key, (differ, alike) in leak.items()},
             "n_images": n}
 
 
