@@ -85,8 +85,13 @@ def test_caption_accuracy_scores_what_the_caption_states(world, monkeypatch):
              scene([o(c0, s0, (1, 1))], 0),                                 # ... "in the top left" does not
              scene([o(c1, s0, (0, 0)), o(c0, s1, (0, 1))], 0, "left of"),   # colours swapped between the two
              scene([o(c1, s1, (1, 0)), o(c0, s0, (1, 1))], 0, "left of")]   # "A and B" in any arrangement
-    truth = checker.targets(drawn)
-    monkeypatch.setattr(checker, "predict", lambda images: {k: v.clone() for k, v in truth.items()})
+
+    def reads(scenes):
+        """The checker now reads `scenes` out of whatever images it is given."""
+        truth = checker.targets(scenes)
+        monkeypatch.setattr(checker, "predict", lambda images: {k: v.clone() for k, v in truth.items()})
+
+    reads(drawn)
     acc = C.caption_accuracy(checker, torch.zeros(4, 3, 16, 16), captions)
     assert acc["all"] == 0.5 and acc["count"] == 1.0 and acc["n_images"] == 4
     assert acc["colour"] == 1.0 and acc["shape"] == 1.0                     # as multisets, per object
@@ -94,14 +99,12 @@ def test_caption_accuracy_scores_what_the_caption_states(world, monkeypatch):
     assert acc["colour_leak"] == 0.0 and acc["shape_leak"] == 0.0          # swapped, but each pair still differs
     leaked = [scene([o(c0, s0, (0, 0)), o(c1, s0, (0, 1))], 0, "left of"),   # s0 drawn for both objects
               scene([o(c0, s1, (1, 0)), o(c0, s1, (1, 1))], 0, "left of")]   # c0 and s1 for both
-    truth2 = checker.targets(leaked)
-    monkeypatch.setattr(checker, "predict", lambda images: {k: v.clone() for k, v in truth2.items()})
+    reads(leaked)
     two = C.caption_accuracy(checker, torch.zeros(2, 3, 16, 16), captions[2:])
     assert two["shape_leak"] == 1.0 and two["colour_leak"] == 0.5 and two["all"] == 0.0
-    truth1 = checker.targets(drawn[:1])
-    monkeypatch.setattr(checker, "predict", lambda images: {k: v.clone() for k, v in truth1.items()})
+    reads(drawn[:1])
     one = C.caption_accuracy(checker, torch.zeros(1, 3, 16, 16), captions[:1])
     assert math.isnan(one["shape_leak"]) and math.isnan(one["colour_leak"])   # no two-object caption to leak in
-    monkeypatch.setattr(checker, "predict", lambda images: {k: v.clone() for k, v in truth.items()})
+    reads(drawn)
     seen = C.read_scenes(checker, torch.zeros(4, 3, 16, 16), [s.template for s in captions])
     assert [len(s.objects) for s in seen] == [1, 1, 2, 2] and seen[2].relation == "left of"

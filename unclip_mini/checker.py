@@ -224,9 +224,10 @@ def caption_accuracy(checker: Checker, images, scenes) -> dict:
             matched[key] += sum(min(want.count(v), have.count(v)) for v in set(want))
         n_objects += len(s.objects)
         if len(s.objects) == 2 and len(p.objects) == 2:
-            for key, (n_differ, n_alike) in leak.items():
+            for key, tally in leak.items():
                 if getattr(s.objects[0], key) != getattr(s.objects[1], key):
-                    leak[key] = [n_differ + 1, n_alike + (getattr(p.objects[0], key) == getattr(p.objects[1], key))]
+                    tally[0] += 1
+                    tally[1] += getattr(p.objects[0], key) == getattr(p.objects[1], key)
         if len(s.objects) == 2 and ("{rel}" in PAIR_TEMPLATES[s.template] or "{inv}" in PAIR_TEMPLATES[s.template]):
             counts["relation_n"] += 1
             counts["relation"] += ok
