@@ -177,3 +177,41 @@ def test_config_and_device_errors():
             train.resolve_device("cuda")
     with pytest.raises(DeviceError, match="unknown device 'gpu0'"):
         train.resolve_device("gpu0")
+
+
+def _bf16_job(tmp_path, name):
+    """Six steps of a small bf16 job on the CPU; returns (dtype the loss saw, final weights)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    data = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def loss_fn(model, x, g):
+        out = model(x + torch.randn(x.shape, generator=g))
+        seen.append(out.dtype)
+        return ((out.float() - x) ** 2).mean(), {}
+
+    cfg = train.TrainConfig(steps=6, batch_size=8, lr=1e-2, warmup_steps=1, ckpt_every=3, log_every=1,
+                            precision="bf16")
+    t = train.Trainer(model, loss_fn, lambda idx: data[idx], len(data), cfg, tmp_path / f"{name}.pt",
+                      stage="toy", config={"what": "bf16 test"}, seed=3, device="cpu", progress=False)
+    t.fit()
+    return set(seen), [p.detach().clone() for p in model.parameters()]
+
+
+def test_bf16_autocasts_on_a_cpu_with_bf16_kernels_and_stays_fp32_elsewhere(tmp_path, monkeypatch):
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert train.bf16_runs_natively("cpu") is native
+    dtypes, weights = _bf16_job(tmp_path, "a")
+    assert dtypes == {torch.bfloat16 if native else torch.float32}
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in weights)  # fp32 master weights
+    if native:  # bf16 on the CPU is as deterministic as fp32: the same job gives the same weights
+        _, again = _bf16_job(tmp_path, "b")
+        assert all(torch.equal(a, b) for a, b in zip(weights, again))
+    # a CPU without bf16 kernels would emulate it (slower than fp32): autocast stays off there
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not train.bf16_runs_natively("cpu")
+    dtypes, _ = _bf16_job(tmp_path, "c")
+    assert dtypes == {torch.float32}
+    with train.autocast("cpu", "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

@@ -7,7 +7,7 @@ depend on the weights), so none needs a trained stage and each runs at any prese
 layout: {"benchmark", "preset", "device", "wall_s", "machine" (what it ran on: device, threads, cores,
 torch, load average, and the machine's matmul rate measured in the same run), "result"}, and every timed
 network in "result" reports `params`, `batch_size`, `train_step_s` (forward + backward + AdamW, in the
-preset's precision on CUDA) and `sample_step_s` (one guided sampling step) where they apply, and beside a
+preset's precision: bf16 where it runs natively, see train.autocast) and `sample_step_s` (one guided sampling step) where they apply, and beside a
 training step its FLOPs (`train_flops`: the matmuls, convolutions and attention of forward + backward, counted
 by torch's FlopCounterMode), the rate it achieved (`train_flop_per_s`) and that rate over the matmul rate
 (`train_vs_matmul`). One timer (`timed`) and one pair of step helpers (`train_step_time`, `sample_step_time`)
@@ -28,6 +28,7 @@ from torch import nn
 
 from .artifacts import atomic_write_json
 from .errors import ConfigError
+from .train import autocast, bf16_runs_natively
 
 BENCHMARKS = ("data", "prior", "ar_prior", "decoder", "upsampler", "pipeline")
 PEER_SCRIPT = Path(__file__).with_name("peer_bench.py")  # standalone: runs in the peer's own venv
@@ -64,14 +65,6 @@ def timed(fn, repeats: int = 5, warmup: int = 1, device="cpu", best: bool = Fals
     return min(times) if best else sorted(times)[len(times) // 2]
 
 
-PRECISION = {"bf16": torch.bfloat16}  # autocast dtype of a preset's precision, on CUDA (as train.Trainer)
-
-
-def autocast(device, precision: str = "fp32"):
-    on = precision in PRECISION and torch.device(device).type == "cuda"
-    return torch.autocast(torch.device(device).type, dtype=PRECISION.get(precision, torch.float32), enabled=on)
-
-
 def train_step_time(model: nn.Module, loss_fn, repeats: int = 5, device="cpu", lr: float = 1e-4,
                     precision: str = "fp32") -> tuple[float, int]:
     """(seconds, FLOPs) of one training step: `loss_fn(model)` -> scalar, backward, AdamW. The FLOPs are those
@@ -105,7 +98,7 @@ def matmul_rate(device="cpu", dtype=torch.float32, n: int | None = None, repeats
 
 def matmul_rates(device) -> dict:
     rates = {"matmul_flop_per_s": matmul_rate(device)}
-    if torch.device(device).type == "cuda":
+    if bf16_runs_natively(device):
         rates["matmul_bf16_flop_per_s"] = matmul_rate(device, torch.bfloat16)
     return rates
 
@@ -452,7 +445,7 @@ def run_benchmark(run, name: str, peer: bool = False, batch_size: int | None = N
     result = fn(run)
     wall = time.perf_counter() - t0
     rates = {k: max(v, before[k]) for k, v in matmul_rates(run.device).items()}
-    add_rates(result, rates["matmul_bf16_flop_per_s" if run.device.type == "cuda" and
+    add_rates(result, rates["matmul_bf16_flop_per_s" if bf16_runs_natively(run.device) and
                             _precision(run, name) == "bf16" else "matmul_flop_per_s"])
     out = {"benchmark": name, "preset": run.preset, "device": str(run.device), "wall_s": wall,
            "machine": {**machine(), **rates}, "result": result}

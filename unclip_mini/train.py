@@ -63,7 +63,7 @@ class TrainConfig(PresetConfig):
     ema_decay: float = 0.999      # max EMA decay; warm-up min(decay, (1+n)/(10+n)) (paper: 0.9999)
     ckpt_every: int = 500         # checkpoint every this many steps (and at the end)
     log_every: int = 10           # history / progress-bar refresh period
-    precision: str = "fp32"       # 'fp32' | 'bf16' (autocast; used on CUDA only)
+    precision: str = "fp32"       # 'fp32' | 'bf16' (autocast, on CUDA and on CPUs with bf16 kernels: autocast())
     parallel: str = "ddp"         # under torchrun: 'ddp' (a replica per rank) | 'fsdp' (fully_shard: weights,
                                   # gradients, optimizer state and EMA sharded; the paper's >= 1B models)
 
@@ -114,6 +114,22 @@ def resolve_device(device=None) -> torch.device:
         raise DeviceError(f"device {device!r} is not supported: use 'auto', 'cpu' or 'cuda'")
     return dev
 
+
+def bf16_runs_natively(device) -> bool:
+    """Whether bf16 arithmetic is native on `device`: any CUDA GPU here, and a CPU whose oneDNN has bf16
+    kernels (AVX512-BF16 or AMX). Elsewhere a CPU emulates bf16 and autocast would run slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(device, precision: str = "fp32"):
+    """The autocast context of a training step at `precision` ('fp32' | 'bf16') on `device`: bf16 where it runs
+    natively (see bf16_runs_natively), else off (fp32), so one config trains on any machine."""
+    device = torch.device(device)
+    on = precision == "bf16" and bf16_runs_natively(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 # ---------------------------------------------------------------------------------------------
 # EMA, data order, random states
@@ -405,8 +421,7 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------
     def _autocast(self):
-        on = self.cfg.precision == "bf16" and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
+        return autocast(self.device, self.cfg.precision)
 
     def fit(self) -> dict:
         """Train until `cfg.steps`; returns the history {'step', 'loss', 'lr', 'seconds'}."""
