@@ -61,7 +61,8 @@ class ClipConfig(PresetConfig):
                                     # swapped, as negatives of their images (NegCLIP); 0 = none (paper: none)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2000, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine", weight_decay=0.1,
-        betas=(0.9, 0.98), ema_decay=0.99, ckpt_every=500))
+        betas=(0.9, 0.98), ema_decay=0.99, ckpt_every=500, precision="bf16"))  # bf16: ~10% faster on a CPU
+        # with bf16 kernels (fp32 elsewhere; README, measurements)
 
     def __post_init__(self):
         check_range(self, "hard_negatives", 0.0, 1.0)

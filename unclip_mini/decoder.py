@@ -72,7 +72,8 @@ class DecoderConfig(PresetConfig):
     sampler: str = "ddim"            # 'ddim' (eta=0 by default) | 'ddpm' (ancestral; paper: 'ddpm')
     sample_steps: int = 25           # respaced sampling steps (paper: 250)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=6000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999, ckpt_every=250))
+        steps=6000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999, ckpt_every=250,
+        precision="bf16"))  # bf16: 10-20% faster on a CPU with bf16 kernels (fp32 elsewhere; README, measurements)
 
     def __post_init__(self):
         for name in ("unet", "diffusion", "train"):
