@@ -7,11 +7,12 @@ depend on the weights), so none needs a trained stage and each runs at any prese
 layout: {"benchmark", "preset", "device", "wall_s", "machine" (what it ran on: device, threads, cores,
 torch, load average, and the machine's matmul rate measured in the same run), "result"}, and every timed
 network in "result" reports `params`, `batch_size`, `train_step_s` (forward + backward + AdamW, in the
-preset's precision: bf16 where it runs natively, see train.autocast) and `sample_step_s` (one guided sampling step) where they apply, and beside a
-training step its FLOPs (`train_flops`: the matmuls, convolutions and attention of forward + backward, counted
-by torch's FlopCounterMode), the rate it achieved (`train_flop_per_s`) and that rate over the matmul rate
-(`train_vs_matmul`). One timer (`timed`) and one pair of step helpers (`train_step_time`, `sample_step_time`)
-serve all. `batch_size` overrides the configs' training batches (the paper's do not fit one GPU).
+preset's precision: bf16 where it runs natively, see train.autocast) and `sample_step_s` (one guided
+sampling step) where they apply, and beside a training step its FLOPs (`train_flops`: the matmuls,
+convolutions and attention of forward + backward, counted by torch's FlopCounterMode), the rate it achieved
+(`train_flop_per_s`) and that rate over the matmul rate (`train_vs_matmul`). One timer (`timed`) and one
+pair of step helpers (`train_step_time`, `sample_step_time`) serve all.
+`batch_size` overrides the configs' training batches (the paper's do not fit one GPU).
 """
 from __future__ import annotations
 

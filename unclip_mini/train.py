@@ -131,6 +131,7 @@ def autocast(device, precision: str = "fp32"):
     on = precision == "bf16" and bf16_runs_natively(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
+
 # ---------------------------------------------------------------------------------------------
 # EMA, data order, random states
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +307,7 @@ class Trainer:
         self.train_model = self.model
         self.sharded = self.world > 1 and cfg.parallel == "fsdp"
         if self.sharded:  # in place: the model's (and the EMA's) parameters become this rank's shards
+            # bf16 shards (FSDP's param dtype) on CUDA only; on a CPU bf16 comes from autocast() alone
             bf16 = cfg.precision == "bf16" and self.device.type == "cuda"
             distributed.shard(self.model, bf16)
             distributed.shard(self.ema.model)
