@@ -364,3 +364,30 @@ def test_presets_build_and_validation_names_the_fix():
         gd.DiffusionConfig(timesteps=10, schedule="linear")
     with pytest.raises(ConfigError, match="DiffusionConfig"):
         gd.create_diffusion({"timesteps": 10})
+
+
+def test_timestep_sampling_uniform_and_logit_normal():
+    n, T = 20_000, 1000
+    uni = make(T).sample_timesteps(n, torch.Generator().manual_seed(0))
+    cfg = gd.DiffusionConfig(timestep_sampling="logit_normal")
+    ln = gd.create_diffusion(cfg)
+    t = ln.sample_timesteps(n, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) < T
+    # sigmoid(u) < 0.1 for u < -2.197: 1.4% of draws, against 10% uniform; the median sits at T / 2
+    assert abs((uni < T // 10).float().mean().item() - 0.10) < 0.01
+    assert abs((t < T // 10).float().mean().item() - 0.014) < 0.004
+    assert abs(t.float().median().item() - T / 2) < 15
+    assert torch.equal(t, ln.sample_timesteps(n, torch.Generator().manual_seed(0)))      # same generator, same t
+    spaced = gd.create_diffusion(cfg, "ddim10")
+    assert spaced.timestep_sampling == "logit_normal"
+    with pytest.raises(ConfigError, match="'uniform', 'logit_normal'"):
+        gd.DiffusionConfig(timestep_sampling="beta")
+
+
+def test_timestep_sampling_left_out_of_the_dict_at_its_default():
+    # stage ids hash the config dicts: a field added later must not change the ids of stages at its default
+    assert "timestep_sampling" not in gd.DiffusionConfig().to_dict()
+    cfg = gd.DiffusionConfig(timestep_sampling="logit_normal")
+    assert cfg.to_dict()["timestep_sampling"] == "logit_normal"
+    assert gd.DiffusionConfig.from_dict(cfg.to_dict()) == cfg
+    assert gd.DiffusionConfig.from_dict(gd.DiffusionConfig().to_dict()) == gd.DiffusionConfig()

@@ -59,10 +59,10 @@ class ClipConfig(PresetConfig):
     context_length: int = 24        # max caption tokens incl. start/end (paper: 77)
     hard_negatives: float = 0.0     # slots per batch (fraction of it) for two-object captions with one binding
                                     # swapped, as negatives of their images (NegCLIP); 0 = none (paper: none)
+    # bf16: ~10% faster on a CPU with bf16 kernels (fp32 elsewhere; README, measurements)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2000, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine", weight_decay=0.1,
-        betas=(0.9, 0.98), ema_decay=0.99, ckpt_every=500, precision="bf16"))  # bf16: ~10% faster on a CPU
-        # with bf16 kernels (fp32 elsewhere; README, measurements)
+        betas=(0.9, 0.98), ema_decay=0.99, ckpt_every=500, precision="bf16"))
 
     def __post_init__(self):
         check_range(self, "hard_negatives", 0.0, 1.0)

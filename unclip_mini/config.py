@@ -92,8 +92,10 @@ class PresetConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON-able dict (tuples become lists). A field marked `metadata={"omit_at_default": True}` is
+        left out while it holds its default: a field added after stages were recorded keeps their ids (the
+        ids hash these dicts), and `from_dict` fills it back in."""
+        return json.loads(json.dumps(_plain(self)))
 
     @classmethod
     def from_dict(cls, d: dict):
@@ -107,6 +109,17 @@ class PresetConfig:
             raise ConfigError(f"{cls.__name__} has no field {unknown[0]!r} (a config from another "
                               f"version of the code?); valid fields: {', '.join(sorted(names))}")
         return cls(**{k: _coerce(hints[k], v) for k, v in d.items()})
+
+
+def _plain(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_at_default") and getattr(obj, f.name) == f.default)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
 
 
 def _coerce(hint, value):

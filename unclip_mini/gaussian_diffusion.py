@@ -42,6 +42,7 @@ SCHEDULES = ("cosine", "linear")
 MEAN_TYPES = ("eps", "x0", "v")  # what the network predicts: the noise, the clean x_0, or v
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("mse", "hybrid")  # hybrid = MSE + VLB (Improved DDPM's L_hybrid)
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")  # how training draws t (see GaussianDiffusion.sample_timesteps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,10 @@ class DiffusionConfig(PresetConfig):
     var_type: str = "fixed_small"  # paper: learned_range (decoder); the prior samples with analytic variance
     loss_type: str = "mse"  # paper: hybrid for the learned-variance decoder, mse for the prior
     rescale_timesteps: bool = False  # ADM option: feed the model t * 1000 / timesteps
+    # training's t: 'uniform' (paper, ADM) | 'logit_normal' (t/T = sigmoid(u), u ~ N(0, 1): Esser et al. 2024,
+    # fewer draws near t = 0 and t = T). Left out of the config's dict while 'uniform', so stages recorded before
+    # the field existed keep their ids.
+    timestep_sampling: str = dataclasses.field(default="uniform", metadata={"omit_at_default": True})
 
     def __post_init__(self):
         check_positive(self, "timesteps")
@@ -62,6 +67,7 @@ class DiffusionConfig(PresetConfig):
         check_choice(self, "mean_type", MEAN_TYPES)
         check_choice(self, "var_type", VAR_TYPES)
         check_choice(self, "loss_type", LOSS_TYPES)
+        check_choice(self, "timestep_sampling", TIMESTEP_SAMPLINGS)
         check(self.schedule != "linear" or self.timesteps > 20, self, "timesteps",
               "the linear schedule scales beta_T = 0.02 * 1000 / timesteps, which reaches 1 at 20 "
               "steps: use more than 20 steps or schedule='cosine'")
@@ -160,10 +166,11 @@ class GaussianDiffusion(nn.Module):
     """
 
     def __init__(self, betas, mean_type="eps", var_type="fixed_small", loss_type="mse",
-                 rescale_timesteps=False):
+                 rescale_timesteps=False, timestep_sampling="uniform"):
         super().__init__()
         for name, value, choices in (("mean_type", mean_type, MEAN_TYPES), ("var_type", var_type, VAR_TYPES),
-                                     ("loss_type", loss_type, LOSS_TYPES)):
+                                     ("loss_type", loss_type, LOSS_TYPES),
+                                     ("timestep_sampling", timestep_sampling, TIMESTEP_SAMPLINGS)):
             if value not in choices:
                 raise ConfigError(f"GaussianDiffusion {name}={value!r} is not a valid choice; "
                                   f"valid choices: {', '.join(map(repr, choices))}")
@@ -172,7 +179,7 @@ class GaussianDiffusion(nn.Module):
             raise ConfigError("betas must be a 1-D array with values in (0, 1]: build them with "
                               "get_named_beta_schedule('cosine', T)")
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
-        self.rescale_timesteps = rescale_timesteps
+        self.rescale_timesteps, self.timestep_sampling = rescale_timesteps, timestep_sampling
         self.num_timesteps = len(betas)
 
         alphas = 1.0 - betas
@@ -415,7 +422,12 @@ class GaussianDiffusion(nn.Module):
     # ---- training ----
 
     def sample_timesteps(self, batch, generator=None, device=None):
-        """Uniform random steps `[batch]` (long) in [0, num_timesteps)."""
+        """Random training steps `[batch]` (long) in [0, num_timesteps): uniform, or with `logit_normal`
+        t = floor(T * sigmoid(u)), u ~ N(0, 1), which draws the middle of the chain more often than its ends
+        (1.4% of draws below T/10 instead of 10%)."""
+        if self.timestep_sampling == "logit_normal":
+            u = distributed.randn((batch,), generator, device)
+            return (torch.sigmoid(u) * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
         return distributed.randint(0, self.num_timesteps, (batch,), generator, device)
 
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
@@ -505,7 +517,8 @@ class SpacedDiffusion(GaussianDiffusion):
             raise ConfigError(f"use_timesteps must be a non-empty subset of range({base.num_timesteps})")
         ac = base.alphas_cumprod_f64[kept]
         betas = 1.0 - ac / np.append(1.0, ac[:-1])
-        super().__init__(betas, base.mean_type, base.var_type, base.loss_type, base.rescale_timesteps)
+        super().__init__(betas, base.mean_type, base.var_type, base.loss_type, base.rescale_timesteps,
+                         base.timestep_sampling)
         base_map = getattr(base, "timestep_map", torch.arange(base.num_timesteps))
         self.register_buffer("timestep_map", base_map.cpu()[kept].clone(), persistent=False)
         self.original_num_steps = getattr(base, "original_num_steps", base.num_timesteps)
@@ -532,7 +545,7 @@ def create_diffusion(cfg: DiffusionConfig, respacing=None):
         raise ConfigError(f"create_diffusion needs a DiffusionConfig, got {type(cfg).__name__}: "
                           f"use DiffusionConfig.preset('toy')")
     diffusion = GaussianDiffusion(get_named_beta_schedule(cfg.schedule, cfg.timesteps), cfg.mean_type,
-                                  cfg.var_type, cfg.loss_type, cfg.rescale_timesteps)
+                                  cfg.var_type, cfg.loss_type, cfg.rescale_timesteps, cfg.timestep_sampling)
     return diffusion if respacing in (None, "") else respace(diffusion, respacing)
 
 
