@@ -111,10 +111,15 @@ class PresetConfig:
         return cls(**{k: _coerce(hints[k], v) for k, v in d.items()})
 
 
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def _plain(obj):
+    """`dataclasses.asdict` that leaves out the `omit_at_default` fields holding their default (see `to_dict`)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not (f.metadata.get("omit_at_default") and getattr(obj, f.name) == f.default)}
+                if not (f.metadata.get("omit_at_default") and getattr(obj, f.name) == _default(f))}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     if isinstance(obj, dict):
