@@ -165,6 +165,26 @@ def test_training_losses_deterministic_and_dropout_from_the_generator():
     assert (dropped_img != dropped_tok).any()                                        # independent
 
 
+def test_toy_recipe_timestep_draws_logit_normal_for_the_decoder_uniform_for_the_baseline():
+    dec, glide = D.DecoderConfig.toy(), D.DecoderConfig.glide("toy")
+    assert dec.diffusion.timestep_sampling == "logit_normal"
+    assert glide.diffusion.timestep_sampling == "uniform"
+    assert "timestep_sampling" not in glide.to_dict()["diffusion"]      # the baseline's stage id is unchanged
+    assert dec.to_dict()["diffusion"]["timestep_sampling"] == "logit_normal"
+    # the draw notebook 06 writes from scratch: t = floor(T sigmoid(u)), u ~ N(0, 1), first from the generator
+    cfg = D.DecoderConfig.smoke().replace(diffusion=D.DecoderConfig.smoke().diffusion.replace(
+        timestep_sampling="logit_normal"))
+    model = make(cfg)
+    x, _, z, tokens = inputs(cfg, b=3)
+    seen = []
+    forward = model.forward
+    model.forward = lambda x_t, t, image_embed=None, tokens=None: seen.append(t) or forward(x_t, t, image_embed, tokens)
+    model.training_losses(x, z, tokens, torch.Generator().manual_seed(7))
+    T = model.diffusion.num_timesteps
+    want = (torch.sigmoid(torch.randn(3, generator=torch.Generator().manual_seed(7))) * T).long().clamp(0, T - 1)
+    assert torch.equal(seen[0], want)
+
+
 def test_sample_deterministic_noise_fixes_it_and_guidance_extremes():
     cfg = D.DecoderConfig.smoke()
     model = make(cfg)
