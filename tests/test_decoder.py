@@ -172,8 +172,8 @@ def test_toy_recipe_timestep_draws_logit_normal_for_the_decoder_uniform_for_the_
     assert "timestep_sampling" not in glide.to_dict()["diffusion"]      # the baseline's stage id is unchanged
     assert dec.to_dict()["diffusion"]["timestep_sampling"] == "logit_normal"
     # the draw notebook 06 writes from scratch: t = floor(T sigmoid(u)), u ~ N(0, 1), first from the generator
-    cfg = D.DecoderConfig.smoke().replace(diffusion=D.DecoderConfig.smoke().diffusion.replace(
-        timestep_sampling="logit_normal"))
+    smoke = D.DecoderConfig.smoke()
+    cfg = smoke.replace(diffusion=smoke.diffusion.replace(timestep_sampling="logit_normal"))
     model = make(cfg)
     x, _, z, tokens = inputs(cfg, b=3)
     seen = []
