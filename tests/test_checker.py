@@ -102,9 +102,18 @@ def test_caption_accuracy_scores_what_the_caption_states(world, monkeypatch):
     reads(leaked)
     two = C.caption_accuracy(checker, torch.zeros(2, 3, 16, 16), captions[2:])
     assert two["shape_leak"] == 1.0 and two["colour_leak"] == 0.5 and two["all"] == 0.0
+    assert two["shape_leak_n"] == 2 and two["colour_leak_n"] == 2                # the images each rate is out of
     reads(drawn[:1])
     one = C.caption_accuracy(checker, torch.zeros(1, 3, 16, 16), captions[:1])
     assert math.isnan(one["shape_leak"]) and math.isnan(one["colour_leak"])   # no two-object caption to leak in
+    assert one["shape_leak_n"] == 0 and one["colour_leak_n"] == 0
+    assert C.compare_binding(two, one) == {"colour": None, "shape": None}      # nothing to compare against
     reads(drawn)
     seen = C.read_scenes(checker, torch.zeros(4, 3, 16, 16), [s.template for s in captions])
     assert [len(s.objects) for s in seen] == [1, 1, 2, 2] and seen[2].relation == "left of"
+
+
+def test_compare_binding_counts_leaks_beyond_the_noise():
+    rates = lambda colour, shape, n: {"colour_leak": colour, "colour_leak_n": n, "shape_leak": shape, "shape_leak_n": n}
+    assert C.compare_binding(rates(0.09, 0.45, 80), rates(0.18, 0.46, 80)) == {"colour": 0, "shape": 0}
+    assert C.compare_binding(rates(0.10, 0.70, 400), rates(0.30, 0.40, 400)) == {"colour": -1, "shape": 1}

@@ -142,3 +142,18 @@ def test_modality_probe_and_candidate_diversity():
     assert probe.p_image(zi).mean() > 0.9 and probe.p_image(zt).mean() < 0.1
     c = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])   # orthogonal pair, identical pair
     assert metrics.candidate_diversity(c) == pytest.approx(0.5)
+
+
+# ---- rates -------------------------------------------------------------------------------------
+
+def test_compare_rates_against_the_two_proportion_standard_error():
+    # 45% vs 46% of 80: far inside the noise; 9% vs 18% of 80: se = sqrt(.09*.91/80 + .18*.82/80) = 0.0537, 1.7 se
+    assert metrics.compare_rates(0.45, 80, 0.46, 80) == 0
+    assert metrics.compare_rates(0.09, 80, 0.18, 80) == 0
+    assert metrics.compare_rates(0.09, 80, 0.18, 80, z=1.5) == -1
+    assert metrics.compare_rates(0.60, 400, 0.40, 400) == 1 and metrics.compare_rates(0.40, 400, 0.60, 400) == -1
+    assert metrics.compare_rates(1.0, 5, 0.0, 5) == 1 and metrics.compare_rates(0.0, 5, 0.0, 9) == 0   # se 0
+    with pytest.raises(DataError, match="rates in"):
+        metrics.compare_rates(float("nan"), 10, 0.5, 10)
+    with pytest.raises(DataError, match="at least one trial"):
+        metrics.compare_rates(0.5, 0, 0.5, 10)

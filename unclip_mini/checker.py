@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
+from . import distributed, metrics
 from .config import PresetConfig, check_positive, check_range
 from .data import CENTRES, PAIR_TEMPLATES, Scene, SceneObject, caption_facts
 from .errors import DataError
@@ -202,7 +202,8 @@ def caption_accuracy(checker: Checker, images, scenes) -> dict:
     objects in that relation (with the right colours and shapes); colour_leak / shape_leak: among two-object
     captions whose objects differ in colour (shape) and images read with two objects, how often both objects
     were drawn in one colour (shape), an attribute leaking from one object to the other (the binding failure
-    unCLIP §7 reports). NaN where no image qualifies. scenes: the caption's scenes (ground truth).
+    unCLIP §7 reports), with colour_leak_n / shape_leak_n the number of such images. NaN where no image
+    qualifies. scenes: the caption's scenes (ground truth).
     """
     if len(images) != len(scenes):
         raise DataError(f"{len(images)} images but {len(scenes)} scenes: pass one scene per image")
@@ -236,7 +237,20 @@ def caption_accuracy(checker: Checker, images, scenes) -> dict:
             "shape": matched["shape"] / n_objects,
             "relation": counts["relation"] / counts["relation_n"] if counts["relation_n"] else float("nan"),
             **{f"{key}_leak": alike / differ if differ else float("nan") for key, (differ, alike) in leak.items()},
+            **{f"{key}_leak_n": differ for key, (differ, _) in leak.items()},
             "n_images": n}
+
+
+def compare_binding(a: dict, b: dict, z: float = 2.0) -> dict:
+    """Does model a bind attributes worse than model b? a, b: `caption_accuracy` results on the same two-object
+    captions. For each attribute ("colour", "shape"): +1 if a draws both objects alike (the attribute leaking
+    from one to the other) more often than b beyond `z` standard errors (`metrics.compare_rates`), -1 if less
+    often, 0 within the noise, None where either has no image to leak in."""
+    out = {}
+    for key in ("colour", "shape"):
+        rate_a, n_a, rate_b, n_b = a[f"{key}_leak"], a[f"{key}_leak_n"], b[f"{key}_leak"], b[f"{key}_leak_n"]
+        out[key] = None if not (n_a and n_b) else metrics.compare_rates(rate_a, n_a, rate_b, n_b, z)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

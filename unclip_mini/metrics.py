@@ -13,8 +13,13 @@ Embeddings (the priors' outputs, scored the same way for both priors):
 - `embedding_metrics`: cos(ẑ_i, z_i), cos(ẑ_i, z_t), and whether the nearest true z_i is the right one.
 - `candidate_diversity`, `pair_cosine`: how much samples of one caption vary, against the real spread.
 - `ModalityProbe`: does an embedding look like an image embedding or a text embedding?
+
+Counts:
+- `compare_rates`: is one measured rate above, below or within the sampling noise of another?
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -207,3 +212,22 @@ def pair_cosine(image_embed, match) -> float:
     if not bool(pairs.any()):
         return float("nan")
     return (z @ z.T)[pairs].mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# counts
+# ---------------------------------------------------------------------------------------------
+
+def compare_rates(p_a: float, n_a: int, p_b: float, n_b: int, z: float = 2.0) -> int:
+    """+1 if the rate p_a (a fraction of n_a trials) is above p_b (of n_b) by more than `z` standard errors of
+    their difference, -1 if below by as much, 0 within the noise. The standard error is the unpooled one,
+    sqrt(p_a (1 - p_a) / n_a + p_b (1 - p_b) / n_b) (a two-proportion z-test; z = 2 is about a 5% two-sided
+    test). Where that error is zero (each rate 0 or 1) any difference counts."""
+    for p, n in ((p_a, n_a), (p_b, n_b)):
+        if not (0.0 <= p <= 1.0) or n < 1:
+            raise DataError(f"compare_rates needs rates in [0, 1] over at least one trial: got {p} of {n}")
+    diff = p_a - p_b
+    se = math.sqrt(p_a * (1 - p_a) / n_a + p_b * (1 - p_b) / n_b)
+    if se == 0.0:
+        return (diff > 0) - (diff < 0)
+    return 1 if diff > z * se else (-1 if diff < -z * se else 0)
