@@ -116,6 +116,21 @@ def test_the_three_conditionings_and_both_priors(pipe):
     assert len({tuple(g.images[16].flatten()[:20].tolist()) for g in (cap, txt, ar, dif)}) == 4
 
 
+def test_prior_candidates_reach_the_diffusion_prior(pipe):
+    kw = dict(seed=0, decoder_steps=2, size=16)
+    best3 = pipe.generate(CAPTIONS, prior_candidates=3, **kw)
+    text = pipe.encode_text(CAPTIONS)
+    direct = pipe.priors["diffusion"].sample(text["text_embed"], text["text_tokens"], text["text_mask"],
+                                             num_candidates=3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(best3.image_embed, direct)          # generate's first draw is the prior's
+    one = pipe.generate(CAPTIONS, prior_candidates=1, **kw)
+    assert not torch.equal(one.image_embed, best3.image_embed)
+    with pytest.raises(ConfigError, match="for the diffusion prior: the AR prior draws one z_i"):
+        pipe.generate(CAPTIONS, prior="ar", prior_candidates=2, **kw)
+    with pytest.raises(ConfigError, match="num_candidates = 0 must be an int >= 1"):
+        pipe.generate(CAPTIONS, prior_candidates=0, **kw)
+
+
 def test_bad_requests_are_refused(pipe):
     with pytest.raises(ConfigError, match="this stack makes 16, 64, 256 px"):
         pipe.generate(CAPTIONS, size=128)

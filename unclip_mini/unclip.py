@@ -143,17 +143,24 @@ class UnCLIP:
 
     # -- the three steps -----------------------------------------------------------------------
     def prior_sample(self, text: dict, prior: str = "diffusion", generator=None, guidance_scale=None,
-                     steps=None) -> torch.Tensor:
-        """z_i `[B, D]` for captions encoded by `encode_text`, from the named prior (P(z_i | y))."""
+                     steps=None, candidates=None) -> torch.Tensor:
+        """z_i `[B, D]` for captions encoded by `encode_text`, from the named prior (P(z_i | y)).
+
+        candidates: the diffusion prior's best-of-N, the candidate with the largest z_i . z_t kept (None: its
+        config's, the paper's 2); the AR prior has none (it conditions on a sampled dot product instead)."""
         if prior not in PRIORS:
             raise ConfigError(f"unknown prior {prior!r}; valid priors: {', '.join(PRIORS)}")
         if prior not in self.priors:
             raise ConfigError(f"this stack has no {prior!r} prior (it has {', '.join(self.priors) or 'none'}): "
                               f"train the {'ar_prior' if prior == 'ar' else 'diffusion_prior'} stage")
+        if prior == "ar" and candidates is not None:
+            raise ConfigError(f"prior_candidates = {candidates!r} is for the diffusion prior: the AR prior draws "
+                              f"one z_i per caption (leave prior_candidates at None, or use prior='diffusion')")
         p = self.priors[prior]
         args = (text["text_embed"], text["text_tokens"], text["text_mask"])
         if prior == "diffusion":
-            return p.sample(*args, guidance_scale=guidance_scale, steps=steps, generator=generator)
+            return p.sample(*args, guidance_scale=guidance_scale, num_candidates=candidates, steps=steps,
+                            generator=generator)
         return p.sample(*args, guidance_scale=guidance_scale, generator=generator)
 
     def decode(self, image_embed, tokens=None, noise=None, steps=None, guidance_scale=None, eta: float = 0.0,
@@ -199,7 +206,7 @@ class UnCLIP:
     def generate(self, captions, n_per_caption: int = 1, prior: str = "diffusion", seed: int = 0, size="x16",
                  conditioning: str = "prior", prior_guidance=None, prior_steps=None, decoder_guidance=None,
                  decoder_steps=None, upsampler_steps=(None, None), batch_size: int = 64,
-                 progress: bool = False) -> Generation:
+                 progress: bool = False, prior_candidates=None) -> Generation:
         """Images for captions: z_t (CLIP) -> z_i (prior) -> base image (decoder) -> x4 -> x16 (upsamplers).
 
         n_per_caption: images per caption (each its own z_i and x_T). prior: 'diffusion' | 'ar'. seed: every
@@ -208,7 +215,8 @@ class UnCLIP:
         only the float rounding, as the noise is drawn up front). size: the largest side to make
         (a side in px, or 'base' | 'x4' | 'x16'). conditioning (§5.1): 'prior' (the caption and the prior's z_i),
         'text_embed' (the caption and its z_t used as if it were z_i: no prior), 'caption' (the caption alone,
-        z_i null). None step counts and guidance scales take each stage's config.
+        z_i null). prior_candidates: the diffusion prior's best-of-N (`prior_sample`). None step counts,
+        guidance scales and candidates take each stage's config.
         """
         if isinstance(n_per_caption, bool) or not isinstance(n_per_caption, int) or n_per_caption < 1:
             raise ConfigError(f"n_per_caption = {n_per_caption!r}: ask for at least 1 image per caption")
@@ -234,7 +242,8 @@ class UnCLIP:
 
         text = step("text", lambda: self.clip.encode_text(captions))
         if conditioning == "prior":
-            z = step("prior", lambda: self.prior_sample(text, prior, g, prior_guidance, prior_steps))
+            z = step("prior", lambda: self.prior_sample(text, prior, g, prior_guidance, prior_steps,
+                                                               prior_candidates))
         elif conditioning == "text_embed":
             z = text["text_embed"]
         else:
