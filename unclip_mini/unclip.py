@@ -143,23 +143,24 @@ class UnCLIP:
 
     # -- the three steps -----------------------------------------------------------------------
     def prior_sample(self, text: dict, prior: str = "diffusion", generator=None, guidance_scale=None,
-                     steps=None, candidates=None) -> torch.Tensor:
+                     steps=None, num_candidates=None) -> torch.Tensor:
         """z_i `[B, D]` for captions encoded by `encode_text`, from the named prior (P(z_i | y)).
 
-        candidates: the diffusion prior's best-of-N, the candidate with the largest z_i . z_t kept (None: its
+        num_candidates: the diffusion prior's best-of-N, the candidate with the largest z_i . z_t kept (None: its
         config's, the paper's 2); the AR prior has none (it conditions on a sampled dot product instead)."""
         if prior not in PRIORS:
             raise ConfigError(f"unknown prior {prior!r}; valid priors: {', '.join(PRIORS)}")
         if prior not in self.priors:
             raise ConfigError(f"this stack has no {prior!r} prior (it has {', '.join(self.priors) or 'none'}): "
                               f"train the {'ar_prior' if prior == 'ar' else 'diffusion_prior'} stage")
-        if prior == "ar" and candidates is not None:
-            raise ConfigError(f"prior_candidates = {candidates!r} is for the diffusion prior: the AR prior draws "
-                              f"one z_i per caption (leave prior_candidates at None, or use prior='diffusion')")
+        if prior == "ar" and num_candidates is not None:
+            raise ConfigError(f"{num_candidates!r} candidates (generate's prior_candidates) are for the diffusion "
+                              f"prior: the AR prior draws one z_i per caption (leave them at None, or use "
+                              f"prior='diffusion')")
         p = self.priors[prior]
         args = (text["text_embed"], text["text_tokens"], text["text_mask"])
         if prior == "diffusion":
-            return p.sample(*args, guidance_scale=guidance_scale, num_candidates=candidates, steps=steps,
+            return p.sample(*args, guidance_scale=guidance_scale, num_candidates=num_candidates, steps=steps,
                             generator=generator)
         return p.sample(*args, guidance_scale=guidance_scale, generator=generator)
 
