@@ -78,3 +78,11 @@ def test_stages_lists_every_stage():
     assert res.returncode == 0
     for name in stages.STAGES:
         assert name in res.stdout
+
+
+def test_sweep_refuses_a_parameter_the_notebook_lacks(tmp_path):
+    res = cli("sweep", "08", "--param", "prior_candidates", "1", "2", "--set", "n_evl", "192",
+              "--preset", "smoke", "--out", str(tmp_path / "run"))
+    assert res.returncode != 0
+    assert "08_text_to_image.ipynb has no parameter 'n_evl' to set; its parameters: preset," in res.stderr
+    assert "n_eval" in res.stderr and not (tmp_path / "run" / "sweeps").exists()

@@ -80,11 +80,11 @@ def test_sweep_runs_a_notebook_per_value_and_gathers_one_table(tmp_path, monkeyp
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("scale = 1.0\ntag = None")
+    params = nbformat.v4.new_code_cell("scale = 1.0\noffset = 0\ntag = None")
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(
         "from unclip_mini import notebook as nb\nrun = nb.setup(tag=tag)\n"
-        "nb.save_metrics(run, '05_swept', {'double': 2 * scale, 'scale': scale})")]
+        "nb.save_metrics(run, '05_swept', {'double': 2 * scale + offset, 'scale': scale})")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, nbdir / "05_swept.ipynb")
     out = tmp_path / "run"
@@ -97,8 +97,16 @@ def test_sweep_runs_a_notebook_per_value_and_gathers_one_table(tmp_path, monkeyp
     assert "| figure | scale=1.0 | scale=3.0 |" in text and "| double | 2 | 6 |" in text
     gathered = json.loads((out / "sweeps" / "05_swept.json").read_text())
     assert gathered["runs"]["scale=3.0"] == {"double": 6.0, "scale": 3.0}
-    with pytest.raises(ConfigError, match="has no parameter 'guidance'; its parameters: scale, tag"):
+    with pytest.raises(ConfigError, match="has no parameter 'guidance' to set; its parameters: scale, offset$"):
         course.sweep("05", "guidance", [1], "smoke", out, notebook_dir=nbdir)
+    # other parameters held fixed are set in every run and named in its tag
+    course.sweep("05", "scale", [1.0], "smoke", "run", notebook_dir=nbdir, live=False, fixed={"offset": 10})
+    held = json.loads((out / "metrics" / "05_swept@scale=1.0,offset=10.json").read_text())["metrics"]
+    assert held == {"double": 12.0, "scale": 1.0}
+    with pytest.raises(ConfigError, match="'scale' is the swept parameter"):
+        course.sweep("05", "scale", [1.0], "smoke", out, notebook_dir=nbdir, fixed={"scale": 2.0})
+    with pytest.raises(ConfigError, match="has no parameter 'tag' to set"):
+        course.sweep("05", "scale", [1.0], "smoke", out, notebook_dir=nbdir, fixed={"tag": "x"})
     with pytest.raises(ConfigError, match="no tagged runs of '07_x'"):
         course.gather(out, "07_x")
 

@@ -1,7 +1,7 @@
 """The command line: a thin layer over the library (nothing here that a notebook could not call).
 
     python -m unclip_mini course [--preset toy] [--out runs/toy] [--only 01 02] [--publish] [--no-ahead]
-    python -m unclip_mini sweep 08 --param decoder_guidance 1 3 5 [--preset toy] [--out runs/toy]
+    python -m unclip_mini sweep 08 --param decoder_guidance 1 3 5 [--set n_eval 192] [--preset toy] [--out runs/toy]
     python -m unclip_mini train STAGE [--preset toy] [--run-dir DIR] [--device auto] [--steps N]
     python -m unclip_mini bench [data prior ar_prior decoder upsampler pipeline] [--preset toy] [--peer]
                                 [--batch-size N] [--device cuda]
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     w.add_argument("notebook", help="its number, e.g. 08")
     w.add_argument("--param", nargs="+", required=True, metavar=("NAME", "VALUE"),
                    help="the parameter and its values, e.g. --param decoder_guidance 1 3 5")
+    w.add_argument("--set", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), dest="fixed",
+                   help="another parameter held at one value in every run (repeatable), e.g. --set n_eval 192")
     w.add_argument("--preset", default="toy")
     w.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
     w.add_argument("--timeout", type=int, default=None)
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
             if len(args.param) < 2:
                 raise ConfigError("--param needs a name and at least one value, e.g. --param decoder_guidance 1 3 5")
             name, values = args.param[0], [_literal(v) for v in args.param[1:]]
-            print(f"table: {sweep(args.notebook, name, values, args.preset, args.out, args.timeout)}")
+            fixed = {k: _literal(v) for k, v in args.fixed}
+            print(f"table: {sweep(args.notebook, name, values, args.preset, args.out, args.timeout, fixed=fixed)}")
             return 0
         if args.command == "train":
             from .stages import Run, get_stage, load_or_train

@@ -236,10 +236,12 @@ def run_course(preset: str = "toy", out=None, only=None, publish: bool = False, 
 # ---------------------------------------------------------------------------------------------
 
 def sweep(notebook: str, param: str, values, preset: str = "toy", out=None, timeout: int | None = None,
-          notebook_dir=NOTEBOOK_DIR, live: bool = True) -> Path:
+          notebook_dir=NOTEBOOK_DIR, live: bool = True, fixed: dict | None = None) -> Path:
     """Run `notebook` once per value of papermill parameter `param`, each into
     `<out>/sweeps/<notebook>/<param>=<value>.ipynb` with its metrics saved as `<notebook>@<param>=<value>`;
-    the stages come from (or are trained once into) the run folder. Returns the gathered table's path."""
+    the stages come from (or are trained once into) the run folder. `fixed`: other parameters held at one
+    value in every run, named in each run's tag after the swept one (`<param>=<value>,n_eval=192`).
+    Returns the gathered table's path."""
     import nbformat
     from papermill.inspection import inspect_notebook
     found = notebooks([notebook], notebook_dir)
@@ -247,8 +249,13 @@ def sweep(notebook: str, param: str, values, preset: str = "toy", out=None, time
         raise ConfigError(f"{notebook!r} matches {len(found)} notebooks: give its number, e.g. 08")
     path = found[0]
     declared = inspect_notebook(str(path))
-    if param not in declared:
-        raise ConfigError(f"{path.name} has no parameter {param!r}; its parameters: {', '.join(declared)}")
+    fixed = dict(fixed or {})
+    for name in (param, *fixed):
+        if name not in declared or name == "tag":
+            raise ConfigError(f"{path.name} has no parameter {name!r} to set; its parameters: "
+                              f"{', '.join(k for k in declared if k != 'tag')}")
+    if param in fixed:
+        raise ConfigError(f"{param!r} is the swept parameter: drop it from the fixed ones (--set)")
     if "tag" not in declared:
         raise ConfigError(f"{path.name} has no `tag` parameter, so its runs would overwrite each other's metrics")
     if not values:
@@ -259,10 +266,10 @@ def sweep(notebook: str, param: str, values, preset: str = "toy", out=None, time
     os.environ.update({"UNCLIP_PRESET": preset, "UNCLIP_RUN_DIR": str(out), "UNCLIP_PROGRESS": "text",
                        "UNCLIP_TRAIN_THREADS": "1"})
     for v in values:
-        tag = f"{param}={v}"
+        tag = ",".join(f"{k}={x}" for k, x in {param: v, **fixed}.items())
         print(f"-> {path.name} with {tag}", flush=True)
         target = folder / f"{tag}.ipynb"
-        _execute(path, target, {param: v, "tag": tag}, notebook_dir, timeout, live)
+        _execute(path, target, {**fixed, param: v, "tag": tag}, notebook_dir, timeout, live)
         nb = nbformat.read(target, as_version=4)
         clean_notebook(nb)
         nbformat.write(nb, target)
