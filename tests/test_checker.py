@@ -117,3 +117,14 @@ def test_compare_binding_counts_leaks_beyond_the_noise():
     rates = lambda colour, shape, n: {"colour_leak": colour, "colour_leak_n": n, "shape_leak": shape, "shape_leak_n": n}
     assert C.compare_binding(rates(0.09, 0.45, 80), rates(0.18, 0.46, 80)) == {"colour": 0, "shape": 0}
     assert C.compare_binding(rates(0.10, 0.70, 400), rates(0.30, 0.40, 400)) == {"colour": -1, "shape": 1}
+
+
+def test_binding_verdict_reads_the_comparison():
+    assert C.binding_verdict({"colour": 1, "shape": 0}) == ("yes", "")
+    assert C.binding_verdict({"colour": 1, "shape": None}, "unCLIP", "GLIDE") == ("yes", "")
+    verdict, why = C.binding_verdict({"colour": -1, "shape": 1}, "unCLIP", "GLIDE")
+    assert verdict == "partly" and why.startswith("unCLIP leaks one attribute more often than GLIDE")
+    assert C.binding_verdict({"colour": -1, "shape": 0}, "unCLIP", "GLIDE")[0] == "no"
+    verdict, why = C.binding_verdict({"colour": 0, "shape": 0}, "unCLIP", "GLIDE")
+    assert verdict == "no" and "within the sampling noise" in why
+    assert C.binding_verdict({"colour": None, "shape": None})[0] == "no"

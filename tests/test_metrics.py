@@ -157,3 +157,19 @@ def test_compare_rates_against_the_two_proportion_standard_error():
         metrics.compare_rates(float("nan"), 10, 0.5, 10)
     with pytest.raises(DataError, match="at least one trial"):
         metrics.compare_rates(0.5, 0, 0.5, 10)
+
+
+def test_compare_paired_is_an_exact_sign_test_on_the_discordant_items():
+    # 10 discordant items, 9 to 1: two-sided p = 2 * 11 / 1024 = 2.1% < 4.6% (z = 2); 8 to 2: p = 11% -> noise
+    assert metrics.compare_paired(9, 1) == 1 and metrics.compare_paired(1, 9) == -1
+    assert metrics.compare_paired(8, 2) == 0 and metrics.compare_paired(0, 0) == 0 and metrics.compare_paired(5, 5) == 0
+    assert metrics.compare_paired(8, 2, z=1.5) == 1      # p 11% < erfc(1.5 / sqrt 2) = 13.4%
+    # 4 of 96 captions apart, unpaired, is within the noise; paired, 5 to 0 discordant is not (p = 6.25%: noise),
+    # 7 to 0 is (p = 1.6%)
+    assert metrics.compare_rates(0.94, 96, 0.90, 96) == 0
+    assert metrics.compare_paired(5, 0) == 0 and metrics.compare_paired(7, 0) == 1
+    assert metrics.discordant([1, 1, 0, 0, 1], [1, 0, 1, 0, 0]) == (2, 1)
+    with pytest.raises(DataError, match="same items, in the same order"):
+        metrics.discordant([1, 0], [1])
+    with pytest.raises(DataError, match="counts of items"):
+        metrics.compare_paired(-1, 3)

@@ -203,7 +203,8 @@ def caption_accuracy(checker: Checker, images, scenes) -> dict:
     captions whose objects differ in colour (shape) and images read with two objects, how often both objects
     were drawn in one colour (shape), an attribute leaking from one object to the other (the binding failure
     unCLIP §7 reports), with colour_leak_n / shape_leak_n the number of such images. NaN where no image
-    qualifies. scenes: the caption's scenes (ground truth).
+    qualifies. right: per image, whether every stated fact is right (for `metrics.compare_paired`).
+    scenes: the caption's scenes (ground truth).
     """
     if len(images) != len(scenes):
         raise DataError(f"{len(images)} images but {len(scenes)} scenes: pass one scene per image")
@@ -211,6 +212,7 @@ def caption_accuracy(checker: Checker, images, scenes) -> dict:
         raise DataError("caption_accuracy needs at least one image")
     seen = read_scenes(checker, images, [s.template for s in scenes])
     counts = {"all": 0, "count": 0, "relation": 0, "relation_n": 0}
+    right = []
     matched = {"colour": 0, "shape": 0}
     leak = {"colour": [0, 0], "shape": [0, 0]}  # [two-object captions whose objects differ in it, drawn alike]
     n_objects = 0
@@ -218,6 +220,7 @@ def caption_accuracy(checker: Checker, images, scenes) -> dict:
         same_count = len(p.objects) == len(s.objects)
         ok = same_count and caption_facts(p, s.template) == caption_facts(s)
         counts["all"] += ok
+        right.append(bool(ok))
         counts["count"] += same_count
         for key in matched:
             want = [getattr(o, key) for o in s.objects]
@@ -238,7 +241,7 @@ def caption_accuracy(checker: Checker, images, scenes) -> dict:
             "relation": counts["relation"] / counts["relation_n"] if counts["relation_n"] else float("nan"),
             **{f"{key}_leak": alike / differ if differ else float("nan") for key, (differ, alike) in leak.items()},
             **{f"{key}_leak_n": differ for key, (differ, _) in leak.items()},
-            "n_images": n}
+            "n_images": n, "right": right}
 
 
 def compare_binding(a: dict, b: dict, z: float = 2.0) -> dict:
@@ -251,6 +254,20 @@ def compare_binding(a: dict, b: dict, z: float = 2.0) -> dict:
         rate_a, n_a, rate_b, n_b = a[f"{key}_leak"], a[f"{key}_leak_n"], b[f"{key}_leak"], b[f"{key}_leak_n"]
         out[key] = None if not (n_a and n_b) else metrics.compare_rates(rate_a, n_a, rate_b, n_b, z)
     return out
+
+
+def binding_verdict(worse: dict, a: str = "the first model", b: str = "the second") -> tuple[str, str]:
+    """The claim "model a binds attributes worse than model b" (unCLIP §7) judged from `compare_binding(a, b)`,
+    as (verdict, why): 'yes' where a leaks an attribute more often beyond the noise and none less often,
+    'partly' where it leaks one more and the other less, 'no' otherwise; `why` is empty for 'yes'."""
+    signs = set(worse.values()) - {None}
+    if 1 in signs and -1 not in signs:
+        return "yes", ""
+    if 1 in signs:
+        return "partly", f"{a} leaks one attribute more often than {b}, the other less often"
+    if -1 in signs:
+        return "no", f"{a} leaks attributes less often than {b}, beyond the sampling noise"
+    return "no", f"{a} and {b} leak within the sampling noise of these captions (2 standard errors)"
 
 
 # ---------------------------------------------------------------------------------------------

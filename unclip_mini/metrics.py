@@ -16,6 +16,8 @@ Embeddings (the priors' outputs, scored the same way for both priors):
 
 Counts:
 - `compare_rates`: is one measured rate above, below or within the sampling noise of another?
+- `compare_paired`: the same for two models scored on the same items (same captions, same x_T), from the
+  items only one of them got right (an exact sign test, McNemar's).
 """
 from __future__ import annotations
 
@@ -231,3 +233,35 @@ def compare_rates(p_a: float, n_a: int, p_b: float, n_b: int, z: float = 2.0) ->
     if se == 0.0:
         return (diff > 0) - (diff < 0)
     return 1 if diff > z * se else (-1 if diff < -z * se else 0)
+
+
+def compare_paired(only_a: int, only_b: int, z: float = 2.0) -> int:
+    """+1 if model a gets more items right than model b beyond the noise, -1 if fewer, 0 within it, for two
+    models scored on the same items (paired samples). only_a: items a got right and b wrong; only_b: the
+    reverse; items both got right or both wrong say nothing about the difference. Under "no difference" each
+    of the n = only_a + only_b discordant items is a fair coin (McNemar 1947), so the two-sided exact p is
+    2 P(X >= max(only_a, only_b)), X ~ Binomial(n, 1/2); it counts below erfc(z / sqrt 2), the two-sided
+    normal tail at z standard errors (4.6% at z = 2), as `compare_rates` does. Pairing removes the spread both
+    models share (the items themselves, the x_T), so it tells apart differences that two unpaired rates
+    cannot."""
+    for k in (only_a, only_b):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise DataError(f"compare_paired needs counts of items (ints >= 0): got {only_a!r} and {only_b!r}")
+    n, k = only_a + only_b, max(only_a, only_b)
+    if n == 0 or only_a == only_b:
+        return 0
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
+    if p >= math.erfc(z / math.sqrt(2)):
+        return 0
+    return 1 if only_a > only_b else -1
+
+
+def discordant(right_a, right_b) -> tuple[int, int]:
+    """(only_a, only_b) for `compare_paired`: how many items only a got right, and only b, from two per-item
+    lists of right/wrong in the same order (e.g. `checker.caption_accuracy(...)["right"]` of two models)."""
+    right_a, right_b = list(right_a), list(right_b)
+    if len(right_a) != len(right_b):
+        raise DataError(f"{len(right_a)} and {len(right_b)} items: a paired comparison scores both models on the "
+                        "same items, in the same order")
+    return (sum(bool(a) and not b for a, b in zip(right_a, right_b)),
+            sum(bool(b) and not a for a, b in zip(right_a, right_b)))
