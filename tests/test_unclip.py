@@ -114,6 +114,9 @@ def test_the_three_conditionings_and_both_priors(pipe):
     dif = pipe.generate(CAPTIONS, prior="diffusion", **kw)
     assert ar.prior == "ar" and not torch.equal(ar.image_embed, dif.image_embed)
     assert len({tuple(g.images[16].flatten()[:20].tolist()) for g in (cap, txt, ar, dif)}) == 4
+    # each stage draws from its own stream: one seed gives every conditioning and prior the same x_T (paired)
+    for g in (cap, txt, ar):
+        assert torch.equal(g.noise, dif.noise)
 
 
 def test_prior_candidates_reach_the_diffusion_prior(pipe):
@@ -121,10 +124,11 @@ def test_prior_candidates_reach_the_diffusion_prior(pipe):
     best3 = pipe.generate(CAPTIONS, prior_candidates=3, **kw)
     text = pipe.encode_text(CAPTIONS)
     direct = pipe.priors["diffusion"].sample(text["text_embed"], text["text_tokens"], text["text_mask"],
-                                             num_candidates=3, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(best3.image_embed, direct)          # generate's first draw is the prior's
+                                             num_candidates=3, generator=unclip.stage_generators(0)["prior"])
+    torch.testing.assert_close(best3.image_embed, direct)          # the prior draws from its own stream
     one = pipe.generate(CAPTIONS, prior_candidates=1, **kw)
     assert not torch.equal(one.image_embed, best3.image_embed)
+    assert torch.equal(one.noise, best3.noise)     # more candidates use more prior draws, never another x_T
     with pytest.raises(ConfigError, match="for the diffusion prior: the AR prior draws one z_i"):
         pipe.generate(CAPTIONS, prior="ar", prior_candidates=2, **kw)
     with pytest.raises(ConfigError, match="num_candidates = 0 must be an int >= 1"):
@@ -208,3 +212,13 @@ def test_load_pipeline_names_what_is_missing(trained_dir, tmp_path):
     assert two.sizes == (16, 64) and list(two.priors) == ["ar"]
     with pytest.raises(ConfigError, match="this stack has no 'diffusion' prior"):
         two.generate(CAPTIONS, prior="diffusion", size="x4")
+
+
+def test_stage_generators_are_separate_seeded_streams():
+    a, b, c = unclip.stage_generators(0), unclip.stage_generators(0), unclip.stage_generators(1)
+    assert list(a) == list(unclip.STREAMS)
+    draws = {name: torch.randn(4, generator=g) for name, g in a.items()}
+    for name, g in b.items():
+        assert torch.equal(torch.randn(4, generator=g), draws[name]), f"{name}: one seed, two streams"
+    assert len({tuple(d.tolist()) for d in draws.values()}) == len(unclip.STREAMS)   # no two stages alike
+    assert not torch.equal(torch.randn(4, generator=c["decoder"]), draws["decoder"])

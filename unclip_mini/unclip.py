@@ -35,6 +35,17 @@ from .progress import tqdm
 
 PRIORS = ("diffusion", "ar")
 CONDITIONINGS = ("prior", "text_embed", "caption")  # §5.1: caption + prior's z_i, caption + z_t as z_i, caption alone
+STREAMS = ("prior", "decoder", "upsampler1", "upsampler2")  # the stages of `generate` that draw random numbers
+
+
+def stage_generators(seed: int) -> dict[str, torch.Generator]:
+    """One CPU generator per random stage of `UnCLIP.generate` ({name: generator} for `STREAMS`), each seeded
+    from `seed` through a root generator. Separate streams keep the stages' draws apart: the decoder's x_T
+    and the upsamplers' noise for a seed are the same whichever prior, conditioning or number of prior
+    candidates drew before them, so a comparison of those settings compares them alone (paired samples)."""
+    root = torch.Generator().manual_seed(int(seed))
+    seeds = torch.randint(0, 2 ** 62, (len(STREAMS),), generator=root).tolist()
+    return {name: torch.Generator().manual_seed(s) for name, s in zip(STREAMS, seeds)}
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, theta) -> torch.Tensor:
@@ -210,10 +221,11 @@ class UnCLIP:
                  progress: bool = False, prior_candidates=None) -> Generation:
         """Images for captions: z_t (CLIP) -> z_i (prior) -> base image (decoder) -> x4 -> x16 (upsamplers).
 
-        n_per_caption: images per caption (each its own z_i and x_T). prior: 'diffusion' | 'ar'. seed: every
-        draw comes from one generator seeded with it, in a fixed order (prior, decoder noise, each upsampler's
-        noise): the same seed gives the same images (bit for bit on one machine; another `batch_size` changes
-        only the float rounding, as the noise is drawn up front). size: the largest side to make
+        n_per_caption: images per caption (each its own z_i and x_T). prior: 'diffusion' | 'ar'. seed: each
+        stage draws from its own generator seeded from it (`stage_generators`: the prior, the decoder's x_T and
+        sampling noise, each upsampler's), so the same seed gives the same images (bit for bit on one machine;
+        another `batch_size` changes only the float rounding, as the noise is drawn up front), and for one seed
+        the x_T is the same under every prior, conditioning and `prior_candidates`. size: the largest side to make
         (a side in px, or 'base' | 'x4' | 'x16'). conditioning (§5.1): 'prior' (the caption and the prior's z_i),
         'text_embed' (the caption and its z_t used as if it were z_i: no prior), 'caption' (the caption alone,
         z_i null). prior_candidates: the diffusion prior's best-of-N (`prior_sample`). None step counts,
@@ -227,7 +239,7 @@ class UnCLIP:
             raise ConfigError(f"unknown prior {prior!r}; valid priors: {', '.join(PRIORS)}")
         side = self._size(size)
         captions = [c for c in self.check_captions(captions) for _ in range(n_per_caption)]
-        g = torch.Generator().manual_seed(int(seed))
+        gens = stage_generators(seed)
         seconds = {}
         stages = ["text"] + (["prior"] if conditioning == "prior" else []) + ["decoder"] + \
             [f"upsampler{k + 1}" for k in range(len(self.upsamplers)) if self.base * 4 ** (k + 1) <= side]
@@ -243,21 +255,22 @@ class UnCLIP:
 
         text = step("text", lambda: self.clip.encode_text(captions))
         if conditioning == "prior":
-            z = step("prior", lambda: self.prior_sample(text, prior, g, prior_guidance, prior_steps,
-                                                               prior_candidates))
+            z = step("prior", lambda: self.prior_sample(text, prior, gens["prior"], prior_guidance, prior_steps,
+                                                        prior_candidates))
         elif conditioning == "text_embed":
             z = text["text_embed"]
         else:
             z = None
-        noise = randn((len(captions), 3, self.base, self.base), g, torch.device("cpu"))
+        noise = randn((len(captions), 3, self.base, self.base), gens["decoder"], torch.device("cpu"))
         base = step("decoder", lambda: self.decode(z, text["tokens"], noise, decoder_steps, decoder_guidance,
-                                                   generator=g, batch_size=batch_size))
+                                                   generator=gens["decoder"], batch_size=batch_size))
         images, x = {self.base: base}, base
         for k, up in enumerate(self.upsamplers):
             s = self.base * 4 ** (k + 1)
             if s > side:
                 break
-            x = step(f"upsampler{k + 1}", lambda: self._upsample_one(up, x, s, upsampler_steps[k], g))
+            x = step(f"upsampler{k + 1}", lambda: self._upsample_one(up, x, s, upsampler_steps[k],
+                                                                   gens[f"upsampler{k + 1}"]))
             images[s] = x
         bar.close()
         image_embed = z if z is not None else torch.zeros_like(text["text_embed"])
