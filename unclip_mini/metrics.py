@@ -247,9 +247,9 @@ def compare_paired(only_a: int, only_b: int, z: float = 2.0) -> int:
     for k in (only_a, only_b):
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise DataError(f"compare_paired needs counts of items (ints >= 0): got {only_a!r} and {only_b!r}")
-    n, k = only_a + only_b, max(only_a, only_b)
-    if n == 0 or only_a == only_b:
+    if only_a == only_b:   # no discordant items, or as many each way: no evidence either way
         return 0
+    n, k = only_a + only_b, max(only_a, only_b)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
     if p >= math.erfc(z / math.sqrt(2)):
         return 0
