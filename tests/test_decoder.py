@@ -203,6 +203,26 @@ def test_sample_deterministic_noise_fixes_it_and_guidance_extremes():
                               model.sample(z, tokens, guidance_scale=1.0, noise=noise))
 
 
+def test_separate_text_guidance():
+    cfg = D.DecoderConfig.smoke()
+    model = make(cfg)
+    _, _, z, tokens = inputs(cfg, b=2)
+    noise = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(5))
+    one = model.sample(z, tokens, guidance_scale=3.0, noise=noise)
+    # the caption's scale equal to z_i's is the one-scale guidance (it telescopes)
+    torch.testing.assert_close(model.sample(z, tokens, guidance_scale=3.0, text_guidance_scale=3.0, noise=noise),
+                               one, atol=1e-5, rtol=1e-5)
+    # the caption's scale 0: z_i alone, guided, the caption ignored
+    torch.testing.assert_close(model.sample(z, tokens, guidance_scale=3.0, text_guidance_scale=0.0, noise=noise),
+                               model.sample(z, None, guidance_scale=3.0, noise=noise), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model.sample(z, tokens, guidance_scale=3.0, text_guidance_scale=8.0, noise=noise), one)
+    with pytest.raises(ConfigError, match="text_guidance_scale"):
+        model.sample(z, tokens, text_guidance_scale=-1.0, noise=noise)
+    glide = make(D.DecoderConfig.glide("smoke"))
+    with pytest.raises(ConfigError, match="no z_i"):
+        glide.sample(tokens=tokens, text_guidance_scale=2.0, noise=noise)
+
+
 def test_ddpm_sampler_with_learned_variance_runs():
     cfg = D.DecoderConfig.smoke()
     cfg = cfg.replace(unet=cfg.unet.replace(learn_sigma=True), sampler="ddpm", sample_steps=4,

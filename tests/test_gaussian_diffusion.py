@@ -328,6 +328,25 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional():
         gd.classifier_free_guidance(net, 3.0)(x, t, y=y_cond)
 
 
+def test_two_scales_guide_nested_conditions_apart():
+    # rows: [both conditions; the first only; none]; the net's output is affine in its condition
+    net = lambda x, t, a=None, b=None: torch.cat([x * a.reshape(-1, 1, 1, 1) + b.reshape(-1, 1, 1, 1), x], dim=1)
+    x, t = torch.randn(SHAPE), torch.tensor([1, 2, 3, 4])
+    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, -1.0, 2.0, 0.0])
+    zero = torch.zeros(4)
+    kwargs = dict(a=torch.cat([a, a, zero]), b=torch.cat([b, zero, zero]))
+    h0, h1, h2 = net(x, t, a, b)[:, :3], net(x, t, a, zero)[:, :3], net(x, t, zero, zero)[:, :3]
+    out = gd.classifier_free_guidance(net, (5.0, 2.0))(x, t, **kwargs)
+    assert_close(out[:, :3], h2 + 2.0 * (h1 - h2) + 5.0 * (h0 - h1))
+    assert_close(out[:, 3:], x)                           # the unguided channels come from the full condition
+    # equal scales are one scale over the outer pair: h2 + s (h0 - h2)
+    assert_close(gd.classifier_free_guidance(net, (3.0, 3.0))(x, t, **kwargs)[:, :3], h2 + 3.0 * (h0 - h2))
+    with pytest.raises(DataError, match="2 scale"):      # the doubled batch of one scale is too small
+        gd.classifier_free_guidance(net, (3.0, 3.0))(x, t, a=torch.cat([a, a]), b=torch.cat([b, b]))
+    with pytest.raises(ConfigError, match="empty"):
+        gd.classifier_free_guidance(net, ())
+
+
 def test_guidance_is_the_same_on_eps_x0_or_v():
     x0_cond, x0_uncond = known_x0(seed=1), known_x0(seed=2)
     base = make(100)

@@ -135,6 +135,18 @@ def test_prior_candidates_reach_the_diffusion_prior(pipe):
         pipe.generate(CAPTIONS, prior_candidates=0, **kw)
 
 
+def test_decoder_text_guidance_reaches_the_decoder(pipe):
+    kw = dict(seed=0, decoder_steps=2, size=16, decoder_guidance=3.0)
+    one = pipe.generate(CAPTIONS, **kw)
+    same = pipe.generate(CAPTIONS, decoder_text_guidance=3.0, **kw)     # equal scales: the one-scale guidance
+    torch.testing.assert_close(same.images[16], one.images[16], atol=1e-4, rtol=0)
+    apart = pipe.generate(CAPTIONS, decoder_text_guidance=0.0, **kw)     # the caption ignored: z_i alone
+    z_only = pipe.decode(one.image_embed, None, noise=one.noise, steps=2, guidance_scale=3.0,
+                         generator=unclip.stage_generators(0)["decoder"])
+    torch.testing.assert_close(apart.images[pipe.base], z_only, atol=1e-4, rtol=0)
+    assert torch.equal(apart.noise, one.noise) and torch.equal(apart.image_embed, one.image_embed)
+
+
 def test_bad_requests_are_refused(pipe):
     with pytest.raises(ConfigError, match="this stack makes 16, 64, 256 px"):
         pipe.generate(CAPTIONS, size=128)

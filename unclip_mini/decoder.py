@@ -278,11 +278,15 @@ class Decoder(nn.Module):
         return training_losses(self, x_start, image_embed, tokens, generator)
 
     # -- sampling ------------------------------------------------------------------------------
-    def guided_model(self, image_embed=None, tokens=None, guidance_scale=None, batch: int | None = None):
+    def guided_model(self, image_embed=None, tokens=None, guidance_scale=None, batch: int | None = None,
+                     text_guidance_scale=None):
         """(model_fn(x_t, t), b): the U-Net under a fixed condition, guided when the scale is not 1.
 
-        The caption encoder and the z_i projections run once here, not at every sampling step (as GLIDE
-        does): the condition does not change along the chain.
+        One scale s (the paper's): u + s (c(z_i, y) - u), u the null condition. With `text_guidance_scale`
+        s_t too, z_i and the caption are guided apart (`gaussian_diffusion.classifier_free_guidance` with
+        two scales): u + s (c(z_i, none) - u) + s_t (c(z_i, y) - c(z_i, none)), one more U-Net pass per
+        step; s_t = s is the one-scale guidance again. The caption encoder and the z_i projections run once
+        here, not at every sampling step (as GLIDE does): the condition does not change along the chain.
         """
         cfg = self.cfg
         b = self.check_condition(image_embed, tokens, batch)
@@ -296,6 +300,18 @@ class Decoder(nn.Module):
         z = None
         if cfg.use_image_embed:
             z = torch.zeros(b, cfg.clip_dim, device=device) if image_embed is None else image_embed.to(device).float()
+        if text_guidance_scale is not None:
+            s_t = float(text_guidance_scale)
+            if not cfg.use_image_embed:
+                raise ConfigError("text_guidance_scale guides the caption apart from z_i, but this model has no "
+                                  "z_i (the GLIDE-style baseline): use guidance_scale alone")
+            if s_t < 0:
+                raise ConfigError(f"text_guidance_scale = {s_t} must be >= 0 (0: the caption is ignored)")
+            # row blocks [z_i and caption; z_i, empty caption; null]: each block drops one more condition
+            zero = torch.zeros_like(tokens)
+            cond = self.condition(torch.cat([z, z, torch.zeros_like(z)]), torch.cat([tokens, zero, zero]))
+            fn = lambda x, t: self.unet(x, t, **cond)
+            return gd.classifier_free_guidance(fn, (s_t, scale)), b
         if scale == 1.0:
             cond = self.condition(z, tokens)
             return (lambda x, t: self.unet(x, t, **cond)), b
@@ -315,15 +331,18 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, image_embed=None, tokens=None, guidance_scale=None, steps=None, generator=None,
-               noise=None, eta: float = 0.0, progress: bool = False) -> torch.Tensor:
+               noise=None, eta: float = 0.0, progress: bool = False, text_guidance_scale=None) -> torch.Tensor:
         """Generate images [B, 3, H, W] in [-1, 1] from z_i [B, D] and/or caption tokens [B, L].
 
         guidance_scale: classifier-free guidance (None: the config's; 1: none); the unconditional branch
-        is the null z_i and the empty caption. steps: respaced sampling steps (None: the config's).
+        is the null z_i and the empty caption. text_guidance_scale: the caption's own scale, guided apart
+        from z_i's (see `guided_model`; None: one scale for both). steps: respaced sampling steps (None:
+        the config's).
         noise: x_T [B, 3, H, W] (fixes the sample); else drawn from `generator`. eta: DDIM's eta.
         """
         cfg = self.cfg
-        model, b = self.guided_model(image_embed, tokens, guidance_scale, None if noise is None else noise.shape[0])
+        model, b = self.guided_model(image_embed, tokens, guidance_scale, None if noise is None else noise.shape[0],
+                                     text_guidance_scale)
         diffusion = self.sampling_chain(steps)
         device = self.text_to_emb.weight.device
         shape = (b, 3, cfg.image_size, cfg.image_size)

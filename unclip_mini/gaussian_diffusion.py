@@ -572,25 +572,46 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
 
 
 def classifier_free_guidance(model, guidance_scale, guided_channels=None):
-    """A model function `fn(x [B, ...], t [B], **model_kwargs)` returning `guide(cond, uncond, s)`.
+    """A model function `fn(x [B, ...], t [B], **model_kwargs)` returning the guided output.
 
-    The wrapped model runs once on `cat([x, x])`: its first B rows must see the condition and its last B
-    the null condition, so every tensor in `model_kwargs` is `[2B, ...]` (build them with
-    `with_null_rows`; None and non-tensor entries pass through; a model that holds its conditioning
-    already, e.g. in a cache, takes none). Only the first `guided_channels` channels of dim 1 are guided
-    (default: as many as x has, the mean prediction); the rest (a learned variance) is taken from the
-    conditional half. Guiding eps, x_0 or v gives the same sampler: for fixed x_t each is an affine
-    function of the others whose x_t-term cancels in (cond - uncond), so the mixture maps across unchanged.
+    `guidance_scale` s (a number): the model runs once on `cat([x, x])`; its first B rows must see the
+    condition and its last B the null condition, and the output is `guide(cond, uncond, s)`. So every
+    tensor in `model_kwargs` is `[2B, ...]` (build them with `with_null_rows`; None and non-tensor entries
+    pass through; a model that holds its conditioning already, e.g. in a cache, takes none).
+
+    A sequence of K scales (s_1, ..., s_K) guides K nested conditions separately (the compositional form
+    of InstructPix2Pix, Brooks et al. 2023, eq. 3): the model runs on K + 1 copies of x whose row blocks
+    h_0, ..., h_K see one condition fewer each (h_0 every condition, h_K the null one), and the output is
+    h_K + sum_k s_k (h_{k-1} - h_k): s_k scales what the condition dropped between h_{k-1} and h_k adds.
+    Equal scales telescope to one, h_K + s (h_0 - h_K).
+
+    Only the first `guided_channels` channels of dim 1 are guided (default: as many as x has, the mean
+    prediction); the rest (a learned variance) is taken from h_0. Guiding eps, x_0 or v gives the same
+    sampler: for fixed x_t each is an affine function of the others whose x_t-term cancels in every
+    difference, so the mixture maps across unchanged.
     """
+    scales = [float(s) for s in guidance_scale] if isinstance(guidance_scale, (list, tuple)) \
+        else [float(guidance_scale)]
+    if not scales:
+        raise ConfigError("guidance_scale is an empty sequence: give one scale, or one per condition")
+    copies = len(scales) + 1
+
     def guided(x, t, **model_kwargs):
         b = x.shape[0]
         for k, v in model_kwargs.items():
-            if torch.is_tensor(v) and v.shape[0] != 2 * b:
-                raise DataError(f"model_kwargs[{k!r}] has batch {v.shape[0]} but guidance of {b} samples needs "
-                                f"{2 * b}: concatenate the conditional rows and the null (unconditional) rows")
-        out = model(torch.cat([x, x]), torch.cat([t, t]), **model_kwargs)
-        cond, uncond = out[:b], out[b:]
+            if torch.is_tensor(v) and v.shape[0] != copies * b:
+                raise DataError(f"model_kwargs[{k!r}] has batch {v.shape[0]} but guidance of {b} samples with "
+                                f"{len(scales)} scale(s) needs {copies * b}: concatenate the conditional rows "
+                                f"and the null (unconditional) rows, one block per condition dropped")
+        out = model(torch.cat([x] * copies), torch.cat([t] * copies), **model_kwargs)
+        h = out.split(b)
         c = x.shape[1] if guided_channels is None else guided_channels
-        return torch.cat([guide(cond[:, :c], uncond[:, :c], guidance_scale), cond[:, c:]], dim=1)
+        if copies == 2:
+            mixed = guide(h[0][:, :c], h[1][:, :c], scales[0])
+        else:
+            mixed = h[-1][:, :c]
+            for k, s in enumerate(scales, start=1):
+                mixed = mixed + s * (h[k - 1][:, :c] - h[k][:, :c])
+        return torch.cat([mixed, h[0][:, c:]], dim=1)
 
     return guided

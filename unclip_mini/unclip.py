@@ -176,8 +176,9 @@ class UnCLIP:
         return p.sample(*args, guidance_scale=guidance_scale, generator=generator)
 
     def decode(self, image_embed, tokens=None, noise=None, steps=None, guidance_scale=None, eta: float = 0.0,
-               generator=None, batch_size: int = 64) -> torch.Tensor:
-        """Base-resolution images `[B, 3, H, W]` from z_i `[B, D]` (None: the null z_i) and caption token ids."""
+               generator=None, batch_size: int = 64, text_guidance_scale=None) -> torch.Tensor:
+        """Base-resolution images `[B, 3, H, W]` from z_i `[B, D]` (None: the null z_i) and caption token ids;
+        `text_guidance_scale` guides the caption apart from z_i (`Decoder.guided_model`)."""
         b = (image_embed if image_embed is not None else tokens).shape[0]
         if noise is None:
             noise = randn((b, 3, self.base, self.base), generator, self.device)
@@ -187,7 +188,8 @@ class UnCLIP:
             out.append(self.decoder.sample(
                 image_embed=None if image_embed is None else image_embed[sl],
                 tokens=None if tokens is None else tokens[sl], noise=noise[sl].to(self.device), steps=steps,
-                guidance_scale=guidance_scale, eta=eta, generator=generator))
+                guidance_scale=guidance_scale, eta=eta, generator=generator,
+                text_guidance_scale=text_guidance_scale))
         return torch.cat(out)
 
     def upsample(self, images, size: int, steps=(None, None), generator=None) -> dict:
@@ -218,7 +220,7 @@ class UnCLIP:
     def generate(self, captions, n_per_caption: int = 1, prior: str = "diffusion", seed: int = 0, size="x16",
                  conditioning: str = "prior", prior_guidance=None, prior_steps=None, decoder_guidance=None,
                  decoder_steps=None, upsampler_steps=(None, None), batch_size: int = 64,
-                 progress: bool = False, prior_candidates=None) -> Generation:
+                 progress: bool = False, prior_candidates=None, decoder_text_guidance=None) -> Generation:
         """Images for captions: z_t (CLIP) -> z_i (prior) -> base image (decoder) -> x4 -> x16 (upsamplers).
 
         n_per_caption: images per caption (each its own z_i and x_T). prior: 'diffusion' | 'ar'. seed: each
@@ -228,8 +230,9 @@ class UnCLIP:
         the x_T is the same under every prior, conditioning and `prior_candidates`. size: the largest side to make
         (a side in px, or 'base' | 'x4' | 'x16'). conditioning (§5.1): 'prior' (the caption and the prior's z_i),
         'text_embed' (the caption and its z_t used as if it were z_i: no prior), 'caption' (the caption alone,
-        z_i null). prior_candidates: the diffusion prior's best-of-N (`prior_sample`). None step counts,
-        guidance scales and candidates take each stage's config.
+        z_i null). prior_candidates: the diffusion prior's best-of-N (`prior_sample`). decoder_text_guidance:
+        the caption's own guidance scale in the decoder, apart from z_i's `decoder_guidance` (None: one scale
+        for both, the paper's). None step counts, guidance scales and candidates take each stage's config.
         """
         if isinstance(n_per_caption, bool) or not isinstance(n_per_caption, int) or n_per_caption < 1:
             raise ConfigError(f"n_per_caption = {n_per_caption!r}: ask for at least 1 image per caption")
@@ -263,7 +266,8 @@ class UnCLIP:
             z = None
         noise = randn((len(captions), 3, self.base, self.base), gens["decoder"], torch.device("cpu"))
         base = step("decoder", lambda: self.decode(z, text["tokens"], noise, decoder_steps, decoder_guidance,
-                                                   generator=gens["decoder"], batch_size=batch_size))
+                                                   generator=gens["decoder"], batch_size=batch_size,
+                                                   text_guidance_scale=decoder_text_guidance))
         images, x = {self.base: base}, base
         for k, up in enumerate(self.upsamplers):
             s = self.base * 4 ** (k + 1)
