@@ -164,6 +164,8 @@ def test_compare_paired_is_an_exact_sign_test_on_the_discordant_items():
     assert metrics.compare_paired(9, 1) == 1 and metrics.compare_paired(1, 9) == -1
     assert metrics.compare_paired(8, 2) == 0 and metrics.compare_paired(0, 0) == 0 and metrics.compare_paired(5, 5) == 0
     assert metrics.compare_paired(8, 2, z=1.5) == 1      # p 11% < erfc(1.5 / sqrt 2) = 13.4%
+    assert metrics.paired_p(9, 1) == pytest.approx(22 / 1024) and metrics.paired_p(2, 8) == pytest.approx(112 / 1024)
+    assert metrics.paired_p(4, 4) == 1.0 and metrics.paired_p(0, 0) == 1.0 and metrics.paired_p(3, 2) == 1.0
     # 4 of 96 captions apart, unpaired, is within the noise; paired, 5 to 0 discordant is not (p = 6.25%: noise),
     # 7 to 0 is (p = 1.6%)
     assert metrics.compare_rates(0.94, 96, 0.90, 96) == 0

@@ -235,23 +235,28 @@ def compare_rates(p_a: float, n_a: int, p_b: float, n_b: int, z: float = 2.0) ->
     return 1 if diff > z * se else (-1 if diff < -z * se else 0)
 
 
-def compare_paired(only_a: int, only_b: int, z: float = 2.0) -> int:
-    """+1 if model a gets more items right than model b beyond the noise, -1 if fewer, 0 within it, for two
-    models scored on the same items (paired samples). only_a: items a got right and b wrong; only_b: the
-    reverse; items both got right or both wrong say nothing about the difference. Under "no difference" each
-    of the n = only_a + only_b discordant items is a fair coin (McNemar 1947), so the two-sided exact p is
-    2 P(X >= max(only_a, only_b)), X ~ Binomial(n, 1/2); it counts below erfc(z / sqrt 2), the two-sided
-    normal tail at z standard errors (4.6% at z = 2), as `compare_rates` does. Pairing removes the spread both
-    models share (the items themselves, the x_T), so it tells apart differences that two unpaired rates
-    cannot."""
+def paired_p(only_a: int, only_b: int) -> float:
+    """The two-sided exact p of "no difference" between two models scored on the same items (the sign test
+    on discordant pairs, McNemar 1947). only_a: items a got right and b wrong; only_b: the reverse; items
+    both got right or both wrong say nothing about the difference. Under "no difference" each of the
+    n = only_a + only_b discordant items is a fair coin, so p = 2 P(X >= max(only_a, only_b)), X ~
+    Binomial(n, 1/2), capped at 1 (1 when only_a == only_b, or no item is discordant)."""
     for k in (only_a, only_b):
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise DataError(f"compare_paired needs counts of items (ints >= 0): got {only_a!r} and {only_b!r}")
+            raise DataError(f"a paired comparison needs counts of items (ints >= 0): got {only_a!r} and {only_b!r}")
     if only_a == only_b:   # no discordant items, or as many each way: no evidence either way
-        return 0
+        return 1.0
     n, k = only_a + only_b, max(only_a, only_b)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
-    if p >= math.erfc(z / math.sqrt(2)):
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
+
+
+def compare_paired(only_a: int, only_b: int, z: float = 2.0) -> int:
+    """+1 if model a gets more items right than model b beyond the noise, -1 if fewer, 0 within it, for two
+    models scored on the same items (paired samples): `paired_p` counts below erfc(z / sqrt 2), the
+    two-sided normal tail at z standard errors (4.6% at z = 2), as `compare_rates` does. Pairing removes
+    the spread both models share (the items themselves, the x_T), so it tells apart differences that two
+    unpaired rates cannot."""
+    if paired_p(only_a, only_b) >= math.erfc(z / math.sqrt(2)):
         return 0
     return 1 if only_a > only_b else -1
 
