@@ -38,6 +38,14 @@ def test_generate_writes_a_png_grid(trained, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
 
 
+def test_generate_takes_a_separate_caption_guidance(trained, tmp_path):
+    out = tmp_path / "grid.png"
+    res = cli("generate", "a red circle", "-n", "1", "--preset", "smoke", "--run-dir", str(trained), "--size", "16",
+              "--guidance", "3", "--text-guidance", "5", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert f"wrote {out}: 1 image of 16 px" in res.stdout
+
+
 def test_generate_warns_on_a_caption_outside_the_world(trained, tmp_path):
     res = cli("generate", "a photo of a dog", "-n", "1", "--preset", "smoke", "--run-dir", str(trained),
               "--size", "16", "--out", str(tmp_path / "dog.png"))
@@ -56,6 +64,7 @@ def test_generate_warns_on_a_caption_outside_the_world(trained, tmp_path):
     (["generate", "a red circle", "--run-dir", "{run}", "--out", "{tmp}/nowhere/x.png"], "does not exist"),
     (["generate", "a red circle", "--run-dir", "{run}", "--out", "{tmp}/x.jpg"], "must be a .png file"),
     (["generate", "a red circle", "--run-dir", "{run}", "--preset", "tiny"], "unknown preset 'tiny'"),
+    (["generate", "a red circle", "--run-dir", "{run}", "--text-guidance", "-1"], "the caption's scale must be >= 0"),
 ])
 def test_generate_refuses_bad_input_and_writes_nothing(args, message, trained, tmp_path):
     fill = {"missing": str(tmp_path / "no_run"), "run": str(trained), "tmp": str(tmp_path)}

@@ -28,6 +28,8 @@ def test_course_runs_in_order_and_summarises(tmp_path, monkeypatch):
     assert not (nbdir / "run").exists(), "nothing may land in a run folder under the notebooks' working directory"
     summary = (out / "summary.md").read_text()
     assert "| answer | 42.0 | a figure |" in summary and "02_second" in summary
+    assert "bf16 unit: " in summary      # which bf16 kernels the run's figures come from (README, Reliability)
+    assert json.loads((out / "metrics" / "course.json").read_text())["machine"]["cpu"]
     assert (out / "notebooks" / "01_first.ipynb").exists()
     rec = json.loads((out / "metrics" / "01_first.json").read_text())
     assert rec["preset"] == "smoke" and rec["metrics"] == {"answer": 42.0}

@@ -234,3 +234,14 @@ def test_stage_generators_are_separate_seeded_streams():
         assert torch.equal(torch.randn(4, generator=g), draws[name]), f"{name}: one seed, two streams"
     assert len({tuple(d.tolist()) for d in draws.values()}) == len(unclip.STREAMS)   # no two stages alike
     assert not torch.equal(torch.randn(4, generator=c["decoder"]), draws["decoder"])
+
+
+def test_stage_generators_follow_the_number_of_upsamplers():
+    two, three, none = (unclip.stage_generators(5, n) for n in (2, 3, 0))
+    assert list(three) == ["prior", "decoder", "upsampler1", "upsampler2", "upsampler3"]
+    assert list(none) == ["prior", "decoder"]
+    for name, g in two.items():          # the stages two stacks share draw the same numbers in both
+        x = torch.randn(3, generator=g)
+        assert torch.equal(torch.randn(3, generator=three[name]), x), name
+        if name in none:
+            assert torch.equal(torch.randn(3, generator=none[name]), x), name

@@ -7,6 +7,7 @@
                                 [--batch-size N] [--device cuda]
     python -m unclip_mini generate "a red circle left of a blue square" [-n 4] [--prior diffusion|ar]
                                    [--size 32|128|512] [--seed 0] [--run-dir runs/toy] [--out samples.png]
+                                   [--conditioning prior] [--guidance S] [--text-guidance S_T]
     python -m unclip_mini stages
 """
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
     g.add_argument("--device", default="auto")
     g.add_argument("--conditioning", default="prior", help="prior | text_embed | caption (§5.1; default prior)")
     g.add_argument("--guidance", type=float, default=None, help="decoder guidance scale (default: its config's)")
+    g.add_argument("--text-guidance", type=float, default=None,
+                   help="the caption's own decoder guidance scale, apart from z_i's --guidance (default: one scale)")
     g.add_argument("--out", default="samples.png", help="the PNG to write (default samples.png)")
 
     sub.add_parser("stages", help="list the stages and what they need")
@@ -119,6 +122,9 @@ def main(argv=None) -> int:
             out = check_output_path(args.out, ".png")       # before any work: a bad input writes nothing
             if args.n < 1:
                 raise ConfigError(f"-n {args.n}: ask for at least 1 image per caption")
+            if args.text_guidance is not None and args.text_guidance < 0:
+                raise ConfigError(f"--text-guidance {args.text_guidance}: the caption's scale must be >= 0 "
+                                  f"(0 ignores the caption; leave it out for one scale with z_i's)")
             if args.preset not in PRESETS:
                 raise ConfigError(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
             run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.preset)
@@ -136,6 +142,7 @@ def main(argv=None) -> int:
                 warnings.simplefilter("ignore", UserWarning)   # said once above
                 result = pipe.generate(args.captions, n_per_caption=args.n, prior=args.prior, seed=args.seed,
                                        size=size, conditioning=args.conditioning, decoder_guidance=args.guidance,
+                                       decoder_text_guidance=args.text_guidance,
                                        progress=True)
             save_png(caption_grid(result.final, result.captions, ncol=args.n), out)
             secs = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())

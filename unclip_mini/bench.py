@@ -36,9 +36,29 @@ PEER_SCRIPT = Path(__file__).with_name("peer_bench.py")  # standalone: runs in t
 PEER_PYTHON = os.environ.get("UNCLIP_PEER_PYTHON", "/tmp/peer/bin/python")
 
 
+def cpu_kind() -> dict:
+    """The CPU's model name and the widest bf16 matrix unit it reports (`amx_bf16`, `avx512_bf16` or none).
+
+    oneDNN picks its bf16 kernels by that unit, and kernels that sum in another order round differently:
+    two machines that differ here train different weights from the same seed (README, Reliability)."""
+    name, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    bf16 = next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+    return {"cpu": name, "cpu_bf16": bf16}
+
+
 def machine() -> dict:
     """What a timing was measured on."""
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), **cpu_kind(),
             "platform": platform.platform(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 

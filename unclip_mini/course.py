@@ -331,7 +331,8 @@ def _write_summary(out: Path, preset: str, timings: dict, failed=None, ahead=Non
     atomic_write_json({"preset": preset, "seconds": timings, "kept_from_previous_run": kept, "failed": failed,
                        "wall_seconds": wall, "trained_ahead": ahead, "machine": where}, path)
     lines = [f"# unclip_mini course summary (preset `{preset}`)", "",
-             f"Measured on {where['cpu_count']} CPU cores ({where['threads']} torch threads), "
+             f"Measured on {where['cpu_count']} CPU cores of {where['cpu']} (bf16 unit: {where['cpu_bf16'] or 'none'}; "
+             f"{where['threads']} torch threads), "
              f"GPU: {where['cuda'] or 'none'}, torch {where['torch']}.", ""]
     if failed:
         lines += [f"**FAILED** in `{failed[0]}`, cell {failed[1]}: {failed[2]}", ""]

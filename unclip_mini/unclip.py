@@ -35,17 +35,27 @@ from .progress import tqdm
 
 PRIORS = ("diffusion", "ar")
 CONDITIONINGS = ("prior", "text_embed", "caption")  # §5.1: caption + prior's z_i, caption + z_t as z_i, caption alone
-STREAMS = ("prior", "decoder", "upsampler1", "upsampler2")  # the stages of `generate` that draw random numbers
 
 
-def stage_generators(seed: int) -> dict[str, torch.Generator]:
-    """One CPU generator per random stage of `UnCLIP.generate` ({name: generator} for `STREAMS`), each seeded
-    from `seed` through a root generator. Separate streams keep the stages' draws apart: the decoder's x_T
-    and the upsamplers' noise for a seed are the same whichever prior, conditioning or number of prior
-    candidates drew before them, so a comparison of those settings compares them alone (paired samples)."""
+def stream_names(n_upsamplers: int = 2) -> tuple[str, ...]:
+    """The stages of `generate` that draw random numbers: the prior, the decoder, then each upsampler."""
+    return ("prior", "decoder") + tuple(f"upsampler{k + 1}" for k in range(n_upsamplers))
+
+
+STREAMS = stream_names(2)   # the paper's stack: two upsamplers
+
+
+def stage_generators(seed: int, n_upsamplers: int = 2) -> dict[str, torch.Generator]:
+    """One CPU generator per random stage of `UnCLIP.generate` ({name: generator} for `stream_names`), each
+    seeded from `seed` through a root generator. Separate streams keep the stages' draws apart: the decoder's
+    x_T and the upsamplers' noise for a seed are the same whichever prior, conditioning or number of prior
+    candidates drew before them, so a comparison of those settings compares them alone (paired samples).
+    The root draws the stages' seeds in order, so a stack with more or fewer upsamplers gives the stages
+    it shares with another the same streams."""
+    names = stream_names(n_upsamplers)
     root = torch.Generator().manual_seed(int(seed))
-    seeds = torch.randint(0, 2 ** 62, (len(STREAMS),), generator=root).tolist()
-    return {name: torch.Generator().manual_seed(s) for name, s in zip(STREAMS, seeds)}
+    seeds = torch.randint(0, 2 ** 62, (len(names),), generator=root).tolist()
+    return {name: torch.Generator().manual_seed(s) for name, s in zip(names, seeds)}
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, theta) -> torch.Tensor:
@@ -242,7 +252,7 @@ class UnCLIP:
             raise ConfigError(f"unknown prior {prior!r}; valid priors: {', '.join(PRIORS)}")
         side = self._size(size)
         captions = [c for c in self.check_captions(captions) for _ in range(n_per_caption)]
-        gens = stage_generators(seed)
+        gens = stage_generators(seed, len(self.upsamplers))
         seconds = {}
         stages = ["text"] + (["prior"] if conditioning == "prior" else []) + ["decoder"] + \
             [f"upsampler{k + 1}" for k in range(len(self.upsamplers)) if self.base * 4 ** (k + 1) <= side]
