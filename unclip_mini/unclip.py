@@ -216,13 +216,13 @@ class UnCLIP:
     # ran 0.81 s per image in chunks of 16 and 0.31-0.35 s in chunks of 4, with the same output (README, speed row).
     chunk_pixels = 4 * 512 * 512
 
-    def _upsample_one(self, up, x, side, steps, generator, batch_size: int | None = None):
-        """One upsampler on a batch in chunks of `batch_size` images (None: as many as `chunk_pixels` allows, at
-        most 16), its x_T drawn up front, so the chunks do not change which noise each image gets."""
-        batch_size = batch_size or max(1, min(16, self.chunk_pixels // (side * side)))
+    def _upsample_one(self, up, x, side, steps, generator):
+        """One upsampler on a batch, in chunks of as many images as `chunk_pixels` allows (at most 16), its x_T
+        drawn up front, so the chunks do not change which noise each image gets."""
+        chunk = max(1, min(16, self.chunk_pixels // (side * side)))
         noise = randn((x.shape[0], 3, side, side), generator, torch.device("cpu"))
-        return torch.cat([up.upsample(x[a:a + batch_size], steps=steps, noise=noise[a:a + batch_size].to(up.device))
-                          for a in range(0, x.shape[0], batch_size)])
+        return torch.cat([up.upsample(x[a:a + chunk], steps=steps, noise=noise[a:a + chunk].to(up.device))
+                          for a in range(0, x.shape[0], chunk)])
 
     def _size(self, size) -> int:
         named = {"base": self.base, "x4": self.base * 4, "x16": self.base * 16}
