@@ -119,6 +119,29 @@ def test_high_frequency_band_outside_the_inputs_nyquist():
         metrics.high_frequency(truth[:1], wave(2), 8)
 
 
+def test_high_frequency_spectrum_distance_ignores_where_the_detail_is():
+    g = torch.Generator().manual_seed(1)
+    truth = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    assert metrics.high_frequency(truth, truth, 8)["hf_spectrum_db"] == pytest.approx(0.0, abs=1e-5)
+    # twice the detail: 10 log10(4) dB at every ring
+    assert metrics.high_frequency(2 * truth, truth, 8)["hf_spectrum_db"] == pytest.approx(10 * math.log10(4), rel=1e-4)
+    # the same image moved by a few pixels: the same spectrum (0 dB) but the detail is no longer in place
+    moved = metrics.high_frequency(torch.roll(truth, (3, 5), dims=(-2, -1)), truth, 8)
+    assert moved["hf_spectrum_db"] == pytest.approx(0.0, abs=1e-4) and moved["hf_corr"] < 0.2
+    # interpolation of the input lies far below the truth at every ring; independent noise of the same kind near it
+    up = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(truth, 4), size=32, mode="bicubic",
+                                         align_corners=False)
+    assert metrics.high_frequency(up, truth, 8)["hf_spectrum_db"] > 10
+    noise = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    assert metrics.high_frequency(noise, truth, 8)["hf_spectrum_db"] < 1.5
+    # one ring: a wave drawn at a quarter of the truth's amplitude, -12 dB there, 0 dB at the empty rings
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    wave = torch.cos(2 * math.pi * 9 * xx / 32).expand(1, 3, 32, 32)
+    n_rings = 16 - 4                                                   # k = 5 .. 16 lie above 8 / 2
+    assert metrics.high_frequency(wave / 4, wave, 8)["hf_spectrum_db"] == pytest.approx(
+        10 * math.log10(16) / n_rings, rel=1e-4)
+
+
 # ---- the attribute checker ---------------------------------------------------------------------
 
 

@@ -302,7 +302,7 @@ class Upsampler:
         b, _, h, w = low_res.shape
         shape = (b, 3, SCALE * h, SCALE * w)
         if noise is None:
-                    noise = randn(shape, generator, self.device)
+            noise = randn(shape, generator, self.device)
         elif tuple(noise.shape) != shape:
             raise DataError(f"noise has shape {tuple(noise.shape)} but must be {shape} (x4 of low_res)")
         diffusion = self.diffusion(steps)
