@@ -308,3 +308,16 @@ def test_a_prior_trained_with_a_wider_modality_gap(tmp_path):
     assert (wide * e["image_embed"]).sum(-1).mean() < (e["text_embed"] * e["image_embed"]).sum(-1).mean() - 0.05
     plain = stages.load_or_train(run, "diffusion_prior", verbose=False)
     assert plain.gap_direction is None and torch.equal(plain.text_embed_for(e["text_embed"]), e["text_embed"])
+
+
+def test_gap_for_cosine_moves_matched_pairs_to_the_target():
+    g = torch.Generator().manual_seed(0)
+    zi = torch.nn.functional.normalize(torch.randn(200, 16, generator=g) + 2.0, dim=-1)
+    zt = torch.nn.functional.normalize(zi + 0.1 * torch.randn(200, 16, generator=g), dim=-1)
+    matched = (zi * zt).sum(-1).mean().item()
+    assert matched > 0.8
+    for target in (0.5, 0.7):
+        a = dp.gap_for_cosine(zi, zt, target)
+        widened = dp.widen_gap(zt, dp.gap_direction(zi, zt), a)
+        assert a > 0 and (widened * zi).sum(-1).mean().item() == pytest.approx(target, abs=2e-3)
+    assert dp.gap_for_cosine(zi, zt, 0.99) == 0.0          # already below the target: no widening

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from unclip_mini import artifacts, config, notebook, stages
+from unclip_mini import artifacts, config, diffusion_prior, notebook, stages
 from unclip_mini.errors import ArtifactError, ConfigError
 
 
@@ -204,6 +204,35 @@ def test_a_variant_has_its_own_folder_and_record(trained_smoke):
         stages.load_or_train(run, "checker", variant="a/b")
     with pytest.raises(ConfigError, match="must be a CheckerConfig"):
         stages.load_or_train(run, "checker", config=run.cfg.decoder, variant="x")
+
+
+def test_named_variants_train_through_the_command_as_the_notebooks_build_them(trained_smoke, tmp_path):
+    """The variants notebooks 07 and 10 train for their comparisons (`stages.VARIANTS`), which `course` trains
+    ahead: `train <stage>-<variant>` writes the folder and record that the notebook's own call then loads."""
+    import shutil
+    import subprocess
+    import sys
+    for name in ("clip", "upsampler1", "diffusion_prior"):
+        shutil.copytree(trained_smoke / name, tmp_path / name)
+    env = {**os.environ, "PYTHONPATH": str(stages.REPO_ROOT)}
+    for name in stages.VARIANTS:
+        out = subprocess.run([sys.executable, "-m", "unclip_mini", "train", name, "--preset", "smoke",
+                              "--run-dir", str(tmp_path), "--device", "cpu"], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert stages.read_record(stages.Run("smoke", run_dir=tmp_path, device="cpu"), name)["stage"] == name
+    run = stages.Run("smoke", run_dir=tmp_path, device="cpu")
+    noblur = stages.load_or_train(run, "upsampler1", config=run.cfg.upsampler1.replace(degradation="none"),
+                                  variant="noblur", verbose=False)                           # as notebook 07 asks
+    assert noblur.record["id"] == stages.read_record(run, "upsampler1-noblur")["id"]
+    gap = stages.variant_config(run, "diffusion_prior-gap").text_gap
+    emb = run.embeddings("train")
+    assert gap == diffusion_prior.gap_for_cosine(emb["image_embed"], emb["text_embed"], stages.GAP_TARGET_COSINE)
+    prior = stages.load_or_train(run, "diffusion_prior", config=run.cfg.diffusion_prior.replace(text_gap=gap),
+                                 variant="gap", verbose=False)                               # as notebook 10 asks
+    assert prior.record["id"] == stages.read_record(run, "diffusion_prior-gap")["id"]
+    assert stages.needs_of("diffusion_prior-gap") == ("clip",) and stages.needs_of("upsampler1-noblur") == ()
+    with pytest.raises(ConfigError, match="variants: upsampler1-noblur"):
+        stages.needs_of("upsampler1-sharp")
 
 
 def test_a_second_process_waits_for_the_one_training_a_stage(tmp_path):

@@ -100,14 +100,14 @@ def main(argv=None) -> int:
             print(f"table: {sweep(args.notebook, name, values, args.preset, args.out, args.timeout, fixed=fixed)}")
             return 0
         if args.command == "train":
-            from .stages import Run, get_stage, load_or_train
+            from .stages import Run, load_or_train_named, needs_of
             from .train import init_distributed
-            get_stage(args.stage)
+            needs_of(args.stage)   # a stage or a variant ('upsampler1-noblur'): an unknown name fails here
             device = init_distributed() or args.device
             run = Run(args.preset, run_dir=args.run_dir, device=device, seed=args.seed)
             if int(os.environ.get("RANK", "0")) == 0:
                 print(run)
-            load_or_train(run, args.stage, steps=args.steps)
+            load_or_train_named(run, args.stage, steps=args.steps)
             return 0
         if args.command == "bench":
             from .bench import main as bench

@@ -14,8 +14,10 @@ committed, so readers see the figures of a real run).
 
 Training ahead. On a CPU with two or more cores the heaviest stages that later notebooks need (`AHEAD`) are
 trained one after another in a background process on their own core, each as soon as the stages it needs
-exist, while the notebooks run on the other core; a notebook that reaches such a stage first, or while it is
-being trained, waits for it (`stages.training_lock`) and loads it. Every stage trains with one torch thread in
+exist, while the notebooks run on the other core (with one torch thread until the background is done, up to
+notebook `AHEAD_UNTIL`); a notebook that reaches such a stage first, or while it is being trained, waits for it
+(`stages.training_lock`) and loads it. Variants that notebooks train for a comparison (`stages.VARIANTS`) are
+trained ahead the same way, by name. Every stage trains with one torch thread in
 the course (`UNCLIP_TRAIN_THREADS=1`), so it is the same stage wherever it was trained.
 
 Sweeps. `sweep` runs one notebook several times with one papermill parameter changed, each run into its own
@@ -37,13 +39,15 @@ from pathlib import Path
 from .artifacts import atomic_write_json, atomic_write_text
 from .config import PRESETS
 from .errors import ConfigError
-from .stages import REPO_ROOT, STAGES, default_run_dir
+from .stages import REPO_ROOT, default_run_dir, needs_of
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 # trained in the background, in this order, each once its needs exist: the GLIDE-style baseline first, beside the
 # CLIP (it needs none: it tokenizes its captions itself), so that the decoder, which needs the CLIP, is the only
-# long training left on the notebooks' core; the rest is done while the decoder trains
-AHEAD = ("glide", "upsampler1", "upsampler2", "checker", "diffusion_prior", "ar_prior")
+# long training left on the notebooks' core; the rest is done while the decoder trains, the two variants that
+# notebooks 07 and 10 train for their comparisons last, in what is left of the decoder's time
+AHEAD = ("glide", "upsampler1", "upsampler2", "checker", "diffusion_prior", "ar_prior", "upsampler1-noblur",
+         "diffusion_prior-gap")
 AHEAD_UNTIL = "06"     # notebooks up to this one run with one torch thread while the background trains
 KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]   # the kernel's own start-up notices (e.g. "running over TCP")
 
@@ -115,7 +119,7 @@ class AheadTrainer(threading.Thread):
         log = open(self.out / "ahead.log", "a")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "UNCLIP_TRAIN_THREADS": "1", "UNCLIP_PROGRESS": "text"}
         for name in self.stages:
-            while not self._halt.is_set() and not all(self._trained(d) for d in STAGES[name].needs):
+            while not self._halt.is_set() and not all(self._trained(d) for d in needs_of(name)):
                 self._halt.wait(2.0)
             if self._halt.is_set():
                 break
@@ -189,8 +193,9 @@ def run_course(preset: str = "toy", out=None, only=None, publish: bool = False, 
     threads_default = os.environ.get("OMP_NUM_THREADS")
     try:
         for k, path in enumerate(todo, 1):
-            # while the background trains, a notebook keeps to one core (two threads on a busy core are slower)
-            if background and path.name[:2] <= AHEAD_UNTIL:
+            # while the background trains, a notebook keeps to one core (two threads on a busy core are slower);
+            # once it is done, the notebook has every core
+            if background and background.is_alive() and path.name[:2] <= AHEAD_UNTIL:
                 os.environ["OMP_NUM_THREADS"] = "1"
             elif threads_default is None:
                 os.environ.pop("OMP_NUM_THREADS", None)

@@ -384,6 +384,21 @@ def gap_direction(image_embed, text_embed) -> torch.Tensor:
     return F.normalize(text_embed.float().mean(0) - image_embed.float().mean(0), dim=0)
 
 
+def gap_for_cosine(image_embed, text_embed, target: float, iters: int = 40) -> float:
+    """The `text_gap` a that moves matched pairs to mean cosine `target`: mean cos(widen_gap(z_t, u, a), z_i) =
+    target, u = gap_direction(z_i, z_t), found by bisection on [0, 20] (the cosine falls as a grows), rounded to
+    3 decimals (notebook 10's modality-gap experiment)."""
+    direction = gap_direction(image_embed, text_embed)
+    lo, hi = 0.0, 20.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if (widen_gap(text_embed, direction, mid) * image_embed.float()).sum(-1).mean().item() > target:
+            lo = mid
+        else:
+            hi = mid
+    return round((lo + hi) / 2, 3)
+
+
 def _prepare(cfg: DiffusionPriorConfig, ctx) -> dict:
     """The sizes the network is built for (the CLIP's embedding and token widths and context length), and for a
     prior trained with `text_gap`, the direction its z_t are moved along."""

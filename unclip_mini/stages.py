@@ -68,6 +68,37 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
     clip_model.SPEC, diffusion_prior.SPEC, ar_prior.SPEC, checker.SPEC, decoder.SPEC, decoder.GLIDE_SPEC,
     upsampler.SPEC1, upsampler.SPEC2]}
 
+GAP_TARGET_COSINE = 0.5   # notebook 10: matched pairs moved to this mean cos(z_t', z_i) for the gap experiment
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A stage trained with another config for a notebook's comparison, named `<stage>-<variant>` (its folder),
+    so that `course` can train it ahead and `train <stage>-<variant>` by hand. `config(run)` builds its config
+    from the run's once the stage's needs exist."""
+    stage: str
+    variant: str
+    config: Any          # (Run) -> the component's config
+    notebook: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}-{self.variant}"
+
+
+def _gap_config(run):
+    emb = run.embeddings("train")
+    gap = diffusion_prior.gap_for_cosine(emb["image_embed"], emb["text_embed"], GAP_TARGET_COSINE)
+    return run.cfg.diffusion_prior.replace(text_gap=gap)
+
+
+VARIANTS: dict[str, VariantSpec] = {v.name: v for v in [
+    # the corruption ablation: upsampler 1 trained on clean inputs
+    VariantSpec("upsampler1", "noblur", lambda run: run.cfg.upsampler1.replace(degradation="none"), "07_upsamplers"),
+    # the modality-gap experiment: a diffusion prior trained on widened z_t
+    VariantSpec("diffusion_prior", "gap", _gap_config, "10_claims"),
+]}
+
 
 @dataclass(frozen=True)
 class Config(PresetConfig):
@@ -349,8 +380,31 @@ class StageContext:
 
 def get_stage(name: str) -> StageSpec:
     if name not in STAGES:
-        raise ConfigError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}; variants: "
+                          f"{', '.join(VARIANTS)}")
     return STAGES[name]
+
+
+def needs_of(name: str) -> tuple:
+    """The stages that stage or variant `name` needs trained first (an unknown name fails, listing both kinds)."""
+    return STAGES[VARIANTS[name].stage].needs if name in VARIANTS else get_stage(name).needs
+
+
+def variant_config(run: Run, name: str):
+    """The config variant `name` (e.g. 'upsampler1-noblur') trains with in `run`."""
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown variant {name!r}; variants: {', '.join(VARIANTS)}")
+    return VARIANTS[name].config(run)
+
+
+def load_or_train_named(run: Run, name: str, steps: int | None = None, verbose: bool = True):
+    """`load_or_train` for a stage's name or a variant's name (`VARIANTS`): what `train` and `course` call."""
+    if name not in VARIANTS:
+        return load_or_train(run, name, steps=steps, verbose=verbose)
+    v = VARIANTS[name]
+    for dep in STAGES[v.stage].needs:                  # the variant's config may read them (the gap prior: the CLIP)
+        load_or_train(run, dep, verbose=verbose)
+    return load_or_train(run, v.stage, steps=steps, verbose=verbose, config=v.config(run), variant=v.variant)
 
 
 def _folder_name(name: str, variant: str | None) -> str:
