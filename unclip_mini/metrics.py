@@ -148,8 +148,8 @@ def high_frequency(out: torch.Tensor, truth: torch.Tensor, low_res_side: int) ->
     ky = torch.fft.fftfreq(h, d=1 / h).abs()[:, None].to(a.device)
     kx = torch.fft.fftfreq(w, d=1 / w).abs()[None, :].to(a.device)
     band = torch.maximum(ky, kx) > low_res_side / 2
-    power_b = fb.abs().pow(2)
-    e_a, e_b = fa.abs().pow(2)[..., band].sum(), power_b[..., band].sum()
+    power_a, power_b = fa.abs().pow(2), fb.abs().pow(2)
+    e_a, e_b = power_a[..., band].sum(), power_b[..., band].sum()
     if e_b <= 1e-12 * power_b.sum():  # (rounding leaves ~1e-30 of the energy anywhere)
         raise DataError("the truth has no energy above the input's Nyquist frequency: nothing to compare")
     cross = (fa * fb.conj()).real[..., band].sum()
@@ -158,7 +158,7 @@ def high_frequency(out: torch.Tensor, truth: torch.Tensor, low_res_side: int) ->
     per_ring = lambda power: torch.zeros(int(ring.max()) + 1, dtype=power.dtype, device=power.device).index_add_(
         0, ring.flatten(), power.flatten(0, -3).sum(0).flatten())[rings]
     floor = 1e-12 * power_b.sum()                                            # a ring with no energy: -120 dB
-    ring_db = 10 * torch.log10(per_ring(fa.abs().pow(2)).clamp(min=floor) / per_ring(power_b).clamp(min=floor))
+    ring_db = 10 * torch.log10(per_ring(power_a).clamp(min=floor) / per_ring(power_b).clamp(min=floor))
     return {"hf_ratio": float(e_a / e_b), "hf_corr": float(cross / (e_a * e_b).sqrt().clamp(min=1e-30)),
             "hf_spectrum_db": float(ring_db.abs().mean())}
 

@@ -79,7 +79,6 @@ class VariantSpec:
     stage: str
     variant: str
     config: Any          # (Run) -> the component's config
-    notebook: str
 
     @property
     def name(self) -> str:
@@ -94,9 +93,9 @@ def _gap_config(run):
 
 VARIANTS: dict[str, VariantSpec] = {v.name: v for v in [
     # the corruption ablation: upsampler 1 trained on clean inputs
-    VariantSpec("upsampler1", "noblur", lambda run: run.cfg.upsampler1.replace(degradation="none"), "07_upsamplers"),
+    VariantSpec("upsampler1", "noblur", lambda run: run.cfg.upsampler1.replace(degradation="none")),   # notebook 07
     # the modality-gap experiment: a diffusion prior trained on widened z_t
-    VariantSpec("diffusion_prior", "gap", _gap_config, "10_claims"),
+    VariantSpec("diffusion_prior", "gap", _gap_config),                                           # notebook 10
 ]}
 
 
